@@ -1,0 +1,401 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ct_index.bpf.c - per-zone index of conntrack entries and in-kernel reaper.
+ *
+ * cti_record: BPF_PROG_TYPE_NETFILTER program, attached (by the loader, with
+ *   BPF_LINK_CREATE) at PRE_ROUTING and LOCAL_OUT for IPv4 and IPv6 with
+ *   priority NF_IP_PRI_CONNTRACK + 1.  For every packet whose conntrack entry
+ *   is not yet confirmed (i.e. the entry is being created by this packet) it
+ *   appends the original tuple to the zone's records.
+ *
+ * cti_reap: XDP program, only run through BPF_PROG_TEST_RUN from inside the
+ *   network namespace.  The request (struct cti_reap_args) is the packet; the
+ *   reply is written back into it.  It walks one zone's slots [tail, end),
+ *   expires matching entries with bpf_ct_change_timeout(ct, 0) and reaps them
+ *   at once with a second lookup, and drops records of entries that are gone.
+ *
+ * Layout: records live in one hash map keyed by (zone << 48 | slot).  Each
+ * zone has a slot window [tail, head) in cti_zones[zone]; appends reserve a
+ * slot with an atomic add on head.  A reaper pass moves surviving records to
+ * fresh slots at the head, so after a complete pass [tail, head) holds only
+ * records that survived plus newer ones: walking a zone costs
+ * O(records of that zone), independent of the conntrack table size.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "ct_index.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define NF_ACCEPT 1
+#define AF_INET 2
+#define AF_INET6 10
+#define IPS_CONFIRMED (1UL << 3)
+#define ENOENT 2
+#define ETIME 62
+#define EPROTO 71
+#define BPF_F_CURRENT_NETNS (-1)
+#define IPPROTO_ICMPV6 58
+
+#ifndef BPF_NOEXIST
+#define BPF_NOEXIST 1
+#endif
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CTI_DEFAULT_MAX_RECORDS); /* loader may resize */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct cti_record);
+} cti_records SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CTI_MAX_ZONES);
+	__type(key, __u32);
+	__type(value, struct cti_zone);
+} cti_zones SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cti_stats);
+} cti_stats SEC(".maps");
+
+static __always_inline __u64 cti_key(__u32 zone, __u64 slot)
+{
+	return ((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK);
+}
+
+/* ------------------------------------------------------------------ */
+/* Netfilter program: record new entries                               */
+/* ------------------------------------------------------------------ */
+
+SEC("netfilter")
+int cti_record(struct bpf_nf_ctx *ctx)
+{
+	const struct nf_conntrack_tuple *t;
+	struct cti_record rec = {};
+	struct cti_stats *st;
+	struct cti_zone *zm;
+	struct nf_conn *ct;
+	unsigned long nfct, status;
+	__u32 zero = 0, zone = 0;
+	__u64 slot, key;
+	__u16 l3num = 0;
+	__u8 zdir = 0;
+	int err;
+
+	st = bpf_map_lookup_elem(&cti_stats, &zero);
+	if (!st)
+		return NF_ACCEPT;
+	st->seen++;
+
+	/* skb is a trusted BTF pointer: a plain (CO-RE relocated) load */
+	nfct = ctx->skb->_nfct;
+	ct = (struct nf_conn *)(nfct & ~7UL);
+	if (!ct) {
+		st->no_ct++;
+		return NF_ACCEPT;
+	}
+
+	/* nf_conn is not trusted here: read it with CO-RE probe reads */
+	if (bpf_core_read(&status, sizeof(status), &ct->status)) {
+		st->read_err++;
+		return NF_ACCEPT;
+	}
+	if (status & IPS_CONFIRMED) {
+		st->confirmed++;
+		return NF_ACCEPT;
+	}
+
+	if (bpf_core_field_exists(ct->zone)) {
+		__u16 zid = 0;
+
+		bpf_core_read(&zid, sizeof(zid), &ct->zone.id);
+		bpf_core_read(&zdir, sizeof(zdir), &ct->zone.dir);
+		zone = zid;
+	}
+
+	t = &ct->tuplehash[0].tuple;
+	err = bpf_core_read(&l3num, sizeof(l3num), &t->src.l3num);
+	err |= bpf_core_read(&rec.proto, sizeof(rec.proto), &t->dst.protonum);
+	err |= bpf_core_read(&rec.saddr, sizeof(rec.saddr), &t->src.u3);
+	err |= bpf_core_read(&rec.daddr, sizeof(rec.daddr), &t->dst.u3);
+	err |= bpf_core_read(&rec.sport, sizeof(rec.sport), &t->src.u.all);
+	if (err) {
+		st->read_err++;
+		return NF_ACCEPT;
+	}
+	if (rec.proto == IPPROTO_ICMP || rec.proto == IPPROTO_ICMPV6) {
+		bpf_core_read(&rec.icmp_type, 1, &t->dst.u.icmp.type);
+		bpf_core_read(&rec.icmp_code, 1, &t->dst.u.icmp.code);
+	} else {
+		bpf_core_read(&rec.dport, sizeof(rec.dport), &t->dst.u.all);
+	}
+	rec.family = l3num;
+	rec.zone = zone;
+	rec.zone_dir = zdir;
+	rec.hook = BPF_CORE_READ(ctx, state, hook);
+	rec.ts_sec = bpf_ktime_get_ns() / 1000000000ULL;
+
+	zm = bpf_map_lookup_elem(&cti_zones, &zone);
+	if (!zm)
+		return NF_ACCEPT;
+	/* reserve a slot, publish the record, then count the attempt done */
+	slot = __sync_fetch_and_add(&zm->head, 1);
+	key = cti_key(zone, slot);
+	if (bpf_map_update_elem(&cti_records, &key, &rec, BPF_NOEXIST)) {
+		/* never silently incomplete: the zone is marked dirty */
+		__sync_fetch_and_add(&zm->failed, 1);
+		st->failed++;
+	} else {
+		__sync_fetch_and_add(&zm->added, 1);
+		st->recorded++;
+	}
+	__sync_fetch_and_add(&zm->done, 1);
+	return NF_ACCEPT;
+}
+
+/* ------------------------------------------------------------------ */
+/* XDP reaper, run with BPF_PROG_TEST_RUN                              */
+/* ------------------------------------------------------------------ */
+
+extern struct nf_conn *bpf_xdp_ct_lookup(struct xdp_md *xdp_ctx,
+					 struct bpf_sock_tuple *bpf_tuple,
+					 __u32 tuple__sz, struct bpf_ct_opts *opts,
+					 __u32 opts__sz) __ksym;
+extern void bpf_ct_release(struct nf_conn *ct) __ksym;
+extern int bpf_ct_change_timeout(struct nf_conn *ct, __u32 timeout) __ksym;
+
+struct reap_ctx {
+	struct xdp_md *xdp;
+	struct cti_zone *zm;
+	struct cti_filter f;
+	__u64 pos;
+	__u64 end;
+	__u64 new_tail;
+	__u64 visited, deleted, gone, kept, unsupported, still_there, errors,
+	      holes;
+	__u32 zone;
+	__u32 op;
+	__u32 resolved; /* every slot < end is written or known failed */
+	__u32 stuck;    /* a slot could not be resolved: tail stops there */
+};
+
+static __always_inline int addr_match(const unsigned int *a,
+				      const unsigned int *want,
+				      const unsigned int *mask)
+{
+	return (a[0] & mask[0]) == want[0] && (a[1] & mask[1]) == want[1] &&
+	       (a[2] & mask[2]) == want[2] && (a[3] & mask[3]) == want[3];
+}
+
+static __always_inline int filter_match(const struct cti_record *r,
+					const struct cti_filter *f)
+{
+	if ((f->flags & CTI_F_FAMILY) && r->family != f->family)
+		return 0;
+	if ((f->flags & CTI_F_PROTO) && r->proto != f->proto)
+		return 0;
+	if ((f->flags & CTI_F_SPORT) && r->sport != f->sport)
+		return 0;
+	if ((f->flags & CTI_F_DPORT) && r->dport != f->dport)
+		return 0;
+	if ((f->flags & CTI_F_SRC) && !addr_match(r->saddr, f->src, f->src_mask))
+		return 0;
+	if ((f->flags & CTI_F_DST) && !addr_match(r->daddr, f->dst, f->dst_mask))
+		return 0;
+	return 1;
+}
+
+/* lookup of the record's tuple in its zone; opts->error set on NULL */
+static __always_inline struct nf_conn *ct_lookup(struct reap_ctx *c,
+						 const struct cti_record *r,
+						 struct bpf_ct_opts *opts)
+{
+	struct bpf_sock_tuple tup = {};
+	__u32 tsz;
+
+	__builtin_memset(opts, 0, sizeof(*opts));
+	opts->netns_id = BPF_F_CURRENT_NETNS;
+	opts->l4proto = r->proto;
+	opts->ct_zone_id = r->zone;
+	opts->ct_zone_dir = r->zone_dir;
+	if (r->family == AF_INET) {
+		tup.ipv4.saddr = r->saddr[0];
+		tup.ipv4.daddr = r->daddr[0];
+		tup.ipv4.sport = r->sport;
+		tup.ipv4.dport = r->dport;
+		tsz = sizeof(tup.ipv4);
+	} else {
+		__builtin_memcpy(tup.ipv6.saddr, r->saddr, 16);
+		__builtin_memcpy(tup.ipv6.daddr, r->daddr, 16);
+		tup.ipv6.sport = r->sport;
+		tup.ipv6.dport = r->dport;
+		tsz = sizeof(tup.ipv6);
+	}
+	return bpf_xdp_ct_lookup(c->xdp, &tup, tsz, opts, sizeof(*opts));
+}
+
+enum { ACT_KEEP, ACT_REMOVE };
+
+static long reap_one(__u64 idx, void *data)
+{
+	struct reap_ctx *c = data;
+	struct bpf_ct_opts opts;
+	struct cti_record r;
+	struct cti_record *rp;
+	struct nf_conn *ct;
+	__u64 key, nkey, nslot;
+	int act = ACT_KEEP, err;
+
+	if (c->pos >= c->end)
+		return 1;
+	key = cti_key(c->zone, c->pos);
+	c->visited++;
+	rp = bpf_map_lookup_elem(&cti_records, &key);
+	if (!rp) {
+		/* a hole: pruned record or failed insert, or an insert in flight */
+		c->holes++;
+		if (!c->resolved)
+			c->stuck = 1;
+		goto next;
+	}
+	r = *rp;
+
+	if (c->op == CTI_OP_REAP && !filter_match(&r, &c->f)) {
+		c->kept++;
+		goto keep;
+	}
+	if (r.proto != IPPROTO_TCP && r.proto != IPPROTO_UDP) {
+		/* the conntrack kfuncs only look up TCP and UDP */
+		c->unsupported++;
+		goto keep;
+	}
+
+	ct = ct_lookup(c, &r, &opts);
+	if (!ct) {
+		if (opts.error == -ENOENT) {
+			c->gone++;
+			act = ACT_REMOVE;
+		} else {
+			c->errors++;
+		}
+		goto keep;
+	}
+	if (c->op == CTI_OP_PRUNE) {
+		bpf_ct_release(ct);
+		c->kept++;
+		goto keep;
+	}
+	err = bpf_ct_change_timeout(ct, 0);
+	bpf_ct_release(ct);
+	if (err && err != -ETIME) {
+		/* -EPERM: IPS_FIXED_TIMEOUT */
+		c->errors++;
+		goto keep;
+	}
+	/* the entry is expired now; a lookup of its tuple reaps it at once */
+	ct = ct_lookup(c, &r, &opts);
+	if (ct) {
+		bpf_ct_release(ct);
+		c->still_there++;
+	} else {
+		c->deleted++;
+	}
+	act = ACT_REMOVE;
+
+keep:
+	if (act == ACT_REMOVE) {
+		bpf_map_delete_elem(&cti_records, &key);
+		goto next;
+	}
+	/* survivor: move it to a fresh slot at the head to keep the zone compact */
+	nslot = __sync_fetch_and_add(&c->zm->head, 1);
+	nkey = cti_key(c->zone, nslot);
+	if (bpf_map_update_elem(&cti_records, &nkey, &r, BPF_NOEXIST) == 0)
+		bpf_map_delete_elem(&cti_records, &key);
+	else
+		c->stuck = 1; /* map full: leave it in place */
+	__sync_fetch_and_add(&c->zm->done, 1);
+next:
+	c->pos++;
+	if (!c->stuck)
+		c->new_tail = c->pos;
+	return 0;
+}
+
+SEC("xdp")
+int cti_reap(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct cti_reap_args *a = data;
+	struct reap_ctx c = {};
+	__u64 done, head;
+	__u32 budget;
+
+	if ((void *)(a + 1) > data_end)
+		return XDP_ABORTED;
+
+	c.zone = a->zone;
+	c.op = a->op;
+	if (c.zone >= CTI_MAX_ZONES) {
+		a->status = -22;
+		return XDP_PASS;
+	}
+	c.zm = bpf_map_lookup_elem(&cti_zones, &c.zone);
+	if (!c.zm) {
+		a->status = -2;
+		return XDP_PASS;
+	}
+	if (c.op == CTI_OP_CLEAR_DIRTY) {
+		a->failed = __sync_lock_test_and_set(&c.zm->failed, 0);
+		a->status = 0;
+		return XDP_PASS;
+	}
+	if (c.op != CTI_OP_REAP && c.op != CTI_OP_PRUNE) {
+		a->status = -22;
+		return XDP_PASS;
+	}
+
+	/* read done before head: done == head means no insert is in flight */
+	done = __sync_fetch_and_add(&c.zm->done, 0);
+	head = __sync_fetch_and_add(&c.zm->head, 0);
+	c.end = a->end ? a->end : head;
+	if (c.end > head)
+		c.end = head;
+	c.resolved = done == head;
+	c.pos = c.zm->tail;
+	c.new_tail = c.pos;
+	c.xdp = ctx;
+	__builtin_memcpy(&c.f, &a->filter, sizeof(c.f));
+
+	budget = a->budget;
+	if (budget == 0 || budget > CTI_MAX_BATCH)
+		budget = CTI_MAX_BATCH;
+	bpf_loop(budget, reap_one, &c, 0);
+
+	/* only the reaper moves tail; one reaper per zone at a time */
+	if (c.new_tail > c.zm->tail)
+		c.zm->tail = c.new_tail;
+
+	a->status = 0;
+	a->end = c.end;
+	a->pass_done = c.zm->tail >= c.end;
+	a->visited += c.visited;
+	a->deleted += c.deleted;
+	a->gone += c.gone;
+	a->kept += c.kept;
+	a->unsupported += c.unsupported;
+	a->still_there += c.still_there;
+	a->errors += c.errors;
+	a->holes += c.holes;
+	a->tail = c.zm->tail;
+	a->head = c.zm->head;
+	return XDP_PASS;
+}

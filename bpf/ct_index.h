@@ -1,0 +1,117 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * ct_index.h - types shared by ct_index.bpf.c (BPF), ct_index_loader.c
+ * (userspace C) and the cffi cdef.
+ *
+ * Everything between the CFFI-CDEF-BEGIN and CFFI-CDEF-END marker lines is
+ * directive-free except for plain "#define NAME <integer>" lines, which
+ * ffi.cdef() accepts.  Only plain C types are used (no __u32, no bool).
+ * Addresses and ports are stored in network byte order, as in the kernel.
+ */
+#ifndef __CT_INDEX_H
+#define __CT_INDEX_H
+
+/* ---- CFFI-CDEF-BEGIN ---- */
+
+/* Zone ids are u16: the zone table is an array indexed by zone id. */
+#define CTI_MAX_ZONES 65536
+/* Default capacity of the record hash map (records, all zones). */
+#define CTI_DEFAULT_MAX_RECORDS 262144
+/* Record key = (zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK). */
+#define CTI_SLOT_BITS 48
+#define CTI_SLOT_MASK 0xffffffffffff
+/* Upper bound of records visited by one BPF_PROG_TEST_RUN of the reaper. */
+#define CTI_MAX_BATCH 8192
+
+/* struct cti_reap_args.op */
+#define CTI_OP_REAP 1        /* expire matching TCP/UDP entries, prune dead */
+#define CTI_OP_PRUNE 2       /* only drop records whose entry is gone */
+#define CTI_OP_CLEAR_DIRTY 3 /* reset cti_zone.failed, old value in .failed */
+
+/* struct cti_filter.flags: every set field must match (AND) */
+#define CTI_F_FAMILY 1
+#define CTI_F_PROTO 2
+#define CTI_F_SRC 4   /* (saddr & src_mask) == src */
+#define CTI_F_DST 8   /* (daddr & dst_mask) == dst */
+#define CTI_F_SPORT 16
+#define CTI_F_DPORT 32
+
+/* One recorded conntrack entry: its original-direction tuple. 48 bytes. */
+struct cti_record {
+	unsigned int saddr[4];     /* IPv4 uses saddr[0] */
+	unsigned int daddr[4];
+	unsigned short sport;      /* TCP/UDP/SCTP/DCCP port, ICMP id, GRE key */
+	unsigned short dport;      /* port; 0 for ICMP */
+	unsigned char family;      /* AF_INET (2) / AF_INET6 (10) */
+	unsigned char proto;       /* IPPROTO_* */
+	unsigned char icmp_type;
+	unsigned char icmp_code;
+	unsigned short zone;       /* ct->zone.id */
+	unsigned char zone_dir;    /* ct->zone.dir (NF_CT_ZONE_DIR_* bits) */
+	unsigned char hook;        /* NF_INET_* hook that saw the entry */
+	unsigned int ts_sec;       /* bpf_ktime_get_ns() / 1e9 at record time */
+};
+
+/* Per-zone bookkeeping, BPF array indexed by zone id. 40 bytes. */
+struct cti_zone {
+	unsigned long long head;   /* next slot to reserve (monotonic) */
+	unsigned long long done;   /* finished insert attempts, ok or failed */
+	unsigned long long tail;   /* first slot that may hold a record */
+	unsigned long long failed; /* records lost (map full): zone is dirty */
+	unsigned long long added;  /* records stored since load */
+};
+
+/* Global counters of the netfilter program (per-CPU array, 1 entry). */
+struct cti_stats {
+	unsigned long long seen;      /* packets seen by the hook */
+	unsigned long long no_ct;     /* no conntrack entry / untracked */
+	unsigned long long confirmed; /* entry already confirmed: not new */
+	unsigned long long recorded;  /* records stored */
+	unsigned long long failed;    /* records lost (see cti_zone.failed) */
+	unsigned long long read_err;  /* nf_conn read failed */
+};
+
+struct cti_filter {
+	unsigned int flags;        /* CTI_F_* */
+	unsigned char family;
+	unsigned char proto;
+	unsigned short sport;      /* network order */
+	unsigned short dport;      /* network order */
+	unsigned short pad;
+	unsigned int src[4];
+	unsigned int src_mask[4];
+	unsigned int dst[4];
+	unsigned int dst_mask[4];
+};
+
+/*
+ * Request and reply of one reaper run. It is the "packet" handed to
+ * BPF_PROG_TEST_RUN (data_in) and read back from data_out.
+ */
+struct cti_reap_args {
+	/* in */
+	unsigned int op;           /* CTI_OP_* */
+	unsigned int zone;
+	unsigned int budget;       /* max records to visit, <= CTI_MAX_BATCH */
+	unsigned int pad0;
+	unsigned long long end;    /* pass end slot; 0 = start a pass at head */
+	struct cti_filter filter;
+	/* out */
+	int status;                /* 0, or -errno */
+	unsigned int pass_done;    /* 1 once tail >= end */
+	unsigned long long visited;
+	unsigned long long deleted;     /* expired and reaped by us */
+	unsigned long long gone;        /* lookup ENOENT: entry already gone */
+	unsigned long long kept;        /* not matching / alive (prune) */
+	unsigned long long unsupported; /* not TCP/UDP: kfunc cannot look up */
+	unsigned long long still_there; /* 2nd lookup still found the entry */
+	unsigned long long errors;      /* other lookup / timeout errors */
+	unsigned long long holes;       /* empty slots skipped */
+	unsigned long long failed;      /* CLEAR_DIRTY: old value */
+	unsigned long long tail;        /* zone tail after this run */
+	unsigned long long head;        /* zone head after this run */
+};
+
+/* ---- CFFI-CDEF-END ---- */
+
+#endif /* __CT_INDEX_H */

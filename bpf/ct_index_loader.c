@@ -1,0 +1,463 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * ct_index_loader.c - load, attach and drive ct_index.bpf.c.
+ *
+ * Built against libbpf >= 1.1 (Debian 12).  libbpf 1.1 predates
+ * BPF_PROG_TYPE_NETFILTER, so the program type is set by hand and the
+ * links are created with the raw bpf(BPF_LINK_CREATE) syscall.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/bpf.h>
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+#include "ct_index.h"
+#include "ct_index_loader.h"
+#include "ct_index.skel.h"
+
+/* uapi values from kernel 6.4+, absent from older headers */
+#define CTI_PROG_TYPE_NETFILTER 32
+#define CTI_ATTACH_NETFILTER 45
+#define CTI_NFPROTO_IPV4 2
+#define CTI_NFPROTO_IPV6 10
+#define CTI_NF_INET_PRE_ROUTING 0
+#define CTI_NF_INET_LOCAL_OUT 3
+#define CTI_PRIORITY (-200 + 1) /* NF_IP_PRI_CONNTRACK + 1 */
+#define CTI_NLINKS 4
+
+/* BPF_LINK_CREATE attr prefix with the netfilter member (kernel 6.4+) */
+struct cti_link_attr {
+	__u32 prog_fd;
+	__u32 target_fd;
+	__u32 attach_type;
+	__u32 flags;
+	__u32 pf;
+	__u32 hooknum;
+	__s32 priority;
+	__u32 nf_flags;
+};
+
+static const struct {
+	const char *name;
+	unsigned int pf, hook;
+} cti_hooks[CTI_NLINKS] = {
+	{ "link_ip4_pre", CTI_NFPROTO_IPV4, CTI_NF_INET_PRE_ROUTING },
+	{ "link_ip4_out", CTI_NFPROTO_IPV4, CTI_NF_INET_LOCAL_OUT },
+	{ "link_ip6_pre", CTI_NFPROTO_IPV6, CTI_NF_INET_PRE_ROUTING },
+	{ "link_ip6_out", CTI_NFPROTO_IPV6, CTI_NF_INET_LOCAL_OUT },
+};
+
+struct cti {
+	struct ct_index *skel;
+	int netns_fd;
+	char dir[PATH_MAX - 32];
+};
+
+static __thread char cti_log[4096];
+
+static int cti_libbpf_print(enum libbpf_print_level lvl, const char *fmt,
+			    va_list ap)
+{
+	size_t len = strlen(cti_log);
+
+	if (lvl == LIBBPF_DEBUG)
+		return 0;
+	/* keep the tail of the log: the verifier's last lines matter */
+	if (len > sizeof(cti_log) / 2) {
+		memmove(cti_log, cti_log + len - sizeof(cti_log) / 4,
+			sizeof(cti_log) / 4 + 1);
+		len = strlen(cti_log);
+	}
+	vsnprintf(cti_log + len, sizeof(cti_log) - len, fmt, ap);
+	return 0;
+}
+
+const char *cti_last_log(void)
+{
+	return cti_log;
+}
+
+static int pin_path(const struct cti *c, const char *name, char *buf,
+		    size_t len)
+{
+	int n = snprintf(buf, len, "%s/%s", c->dir, name);
+
+	return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+}
+
+/* enter netns_fd (if >= 0), remembering the current one in *old */
+static int netns_enter(int netns_fd, int *old)
+{
+	*old = -1;
+	if (netns_fd < 0)
+		return 0;
+	*old = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+	if (*old < 0)
+		return -errno;
+	if (setns(netns_fd, CLONE_NEWNET)) {
+		int err = -errno;
+
+		close(*old);
+		*old = -1;
+		return err;
+	}
+	return 0;
+}
+
+static int netns_leave(int old)
+{
+	int err = 0;
+
+	if (old < 0)
+		return 0;
+	if (setns(old, CLONE_NEWNET))
+		err = -errno;
+	close(old);
+	return err;
+}
+
+int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
+{
+	struct bpf_map *map;
+	struct cti *c;
+	char path[PATH_MAX];
+	int err;
+
+	*out = NULL;
+	if (!pin_dir || strlen(pin_dir) >= sizeof(c->dir))
+		return -EINVAL;
+	libbpf_set_print(cti_libbpf_print);
+	cti_log[0] = 0;
+
+	c = calloc(1, sizeof(*c));
+	if (!c)
+		return -ENOMEM;
+	c->netns_fd = -1;
+	strcpy(c->dir, pin_dir);
+	if (mkdir(c->dir, 0700) && errno != EEXIST) {
+		err = -errno;
+		goto cleanup;
+	}
+	if (chmod(c->dir, 0700)) {
+		err = -errno;
+		goto cleanup;
+	}
+
+	c->skel = ct_index__open();
+	if (!c->skel) {
+		err = -errno ? -errno : -EINVAL;
+		goto cleanup;
+	}
+	/* libbpf 1.1 does not know SEC("netfilter") */
+	err = bpf_program__set_type(c->skel->progs.cti_record,
+				    CTI_PROG_TYPE_NETFILTER);
+	if (!err)
+		err = bpf_program__set_expected_attach_type(
+			c->skel->progs.cti_record, CTI_ATTACH_NETFILTER);
+	if (!err && max_records)
+		err = bpf_map__set_max_entries(c->skel->maps.cti_records,
+					       max_records);
+	if (err)
+		goto cleanup;
+	bpf_object__for_each_map(map, c->skel->obj) {
+		err = pin_path(c, bpf_map__name(map), path, sizeof(path));
+		if (!err)
+			err = bpf_map__set_pin_path(map, path);
+		if (err)
+			goto cleanup;
+	}
+	/* reuses compatible pinned maps, pins new ones */
+	err = ct_index__load(c->skel);
+	if (err)
+		goto cleanup;
+	*out = c;
+	return 0;
+
+cleanup:
+	cti_close(c);
+	return err < 0 ? err : -EINVAL;
+}
+
+void cti_close(struct cti *c)
+{
+	if (!c)
+		return;
+	ct_index__destroy(c->skel);
+	if (c->netns_fd >= 0)
+		close(c->netns_fd);
+	free(c);
+}
+
+int cti_set_netns(struct cti *c, int netns_fd)
+{
+	int fd = -1;
+
+	if (netns_fd >= 0) {
+		fd = fcntl(netns_fd, F_DUPFD_CLOEXEC, 0);
+		if (fd < 0)
+			return -errno;
+	}
+	if (c->netns_fd >= 0)
+		close(c->netns_fd);
+	c->netns_fd = fd;
+	return 0;
+}
+
+int cti_attach(struct cti *c, int netns_fd)
+{
+	int fds[CTI_NLINKS] = { -1, -1, -1, -1 };
+	char path[PATH_MAX];
+	int old, err, i, prog_fd;
+
+	err = cti_set_netns(c, netns_fd);
+	if (err)
+		return err;
+	prog_fd = bpf_program__fd(c->skel->progs.cti_record);
+	if (prog_fd < 0)
+		return -EBADF;
+	for (i = 0; i < CTI_NLINKS; i++) {
+		err = pin_path(c, cti_hooks[i].name, path, sizeof(path));
+		if (err)
+			return err;
+		if (access(path, F_OK) == 0)
+			return -EEXIST;
+	}
+
+	/* a netfilter link hooks the netns of the creating task */
+	err = netns_enter(c->netns_fd, &old);
+	if (err)
+		return err;
+	for (i = 0; i < CTI_NLINKS; i++) {
+		struct cti_link_attr attr;
+
+		memset(&attr, 0, sizeof(attr));
+		attr.prog_fd = prog_fd;
+		attr.attach_type = CTI_ATTACH_NETFILTER;
+		attr.pf = cti_hooks[i].pf;
+		attr.hooknum = cti_hooks[i].hook;
+		attr.priority = CTI_PRIORITY;
+		fds[i] = syscall(__NR_bpf, BPF_LINK_CREATE, &attr, sizeof(attr));
+		if (fds[i] < 0) {
+			err = -errno;
+			break;
+		}
+	}
+	i = netns_leave(old);
+	if (!err)
+		err = i;
+
+	for (i = 0; !err && i < CTI_NLINKS; i++) {
+		pin_path(c, cti_hooks[i].name, path, sizeof(path));
+		if (bpf_obj_pin(fds[i], path))
+			err = -errno;
+	}
+	for (i = 0; i < CTI_NLINKS; i++) {
+		if (err) {
+			pin_path(c, cti_hooks[i].name, path, sizeof(path));
+			if (fds[i] >= 0)
+				unlink(path); /* only pins we may have made */
+		}
+		if (fds[i] >= 0)
+			close(fds[i]);
+	}
+	return err;
+}
+
+int cti_detach(struct cti *c)
+{
+	char path[PATH_MAX];
+	int i, err = 0;
+
+	for (i = 0; i < CTI_NLINKS; i++) {
+		if (pin_path(c, cti_hooks[i].name, path, sizeof(path)))
+			return -ENAMETOOLONG;
+		if (unlink(path) && errno != ENOENT && !err)
+			err = -errno;
+	}
+	return err;
+}
+
+int cti_unpin(struct cti *c)
+{
+	struct bpf_map *map;
+	int err = 0;
+
+	bpf_object__for_each_map(map, c->skel->obj) {
+		int e = bpf_map__unpin(map, NULL);
+
+		if (e && e != -ENOENT && !err)
+			err = e;
+	}
+	if (!err && rmdir(c->dir) && errno != ENOENT)
+		err = -errno;
+	return err;
+}
+
+static int run_reaper(struct cti *c, struct cti_reap_args *a)
+{
+	struct cti_reap_args out;
+	LIBBPF_OPTS(bpf_test_run_opts, opts,
+		.data_in = a,
+		.data_size_in = sizeof(*a),
+		.data_out = &out,
+		.data_size_out = sizeof(out),
+		.repeat = 1,
+	);
+	int err;
+
+	err = bpf_prog_test_run_opts(bpf_program__fd(c->skel->progs.cti_reap),
+				     &opts);
+	if (err)
+		return err < 0 ? err : -EIO;
+	if (opts.retval != XDP_PASS || opts.data_size_out != sizeof(out))
+		return -EIO;
+	memcpy(a, &out, sizeof(out));
+	return a->status;
+}
+
+static int reap_loop(struct cti *c, unsigned int op, unsigned int zone,
+		     const struct cti_filter *filter, unsigned int batch,
+		     struct cti_reap_result *res)
+{
+	struct cti_reap_args a;
+	unsigned long long max_runs;
+	int old, err, err2;
+
+	memset(res, 0, sizeof(*res));
+	if (zone >= CTI_MAX_ZONES)
+		return -EINVAL;
+	memset(&a, 0, sizeof(a));
+	a.op = op;
+	a.zone = zone;
+	a.budget = batch && batch <= CTI_MAX_BATCH ? batch : CTI_MAX_BATCH;
+	if (filter)
+		a.filter = *filter;
+
+	err = netns_enter(c->netns_fd, &old);
+	if (err)
+		return err;
+	err = run_reaper(c, &a);
+	/* bound the retries: a pass of N slots needs about N / budget runs */
+	max_runs = (a.end - a.tail) / a.budget + 64;
+	res->runs = 1;
+	while (!err && !a.pass_done && res->runs < max_runs) {
+		err = run_reaper(c, &a);
+		res->runs++;
+	}
+	if (!err && !a.pass_done)
+		err = -EAGAIN;
+	err2 = netns_leave(old);
+
+	res->deleted = a.deleted;
+	res->gone = a.gone;
+	res->kept = a.kept;
+	res->unsupported = a.unsupported;
+	res->still_there = a.still_there;
+	res->errors = a.errors;
+	res->visited = a.visited;
+	return err ? err : err2;
+}
+
+int cti_reap_zone(struct cti *c, unsigned int zone,
+		  const struct cti_filter *filter, unsigned int batch,
+		  struct cti_reap_result *res)
+{
+	return reap_loop(c, CTI_OP_REAP, zone, filter, batch, res);
+}
+
+int cti_prune_zone(struct cti *c, unsigned int zone, unsigned int batch,
+		   struct cti_reap_result *res)
+{
+	return reap_loop(c, CTI_OP_PRUNE, zone, NULL, batch, res);
+}
+
+long long cti_clear_dirty(struct cti *c, unsigned int zone)
+{
+	struct cti_reap_args a;
+	int err;
+
+	if (zone >= CTI_MAX_ZONES)
+		return -EINVAL;
+	memset(&a, 0, sizeof(a));
+	a.op = CTI_OP_CLEAR_DIRTY;
+	a.zone = zone;
+	/* no kfunc is called: any netns will do */
+	err = run_reaper(c, &a);
+	return err ? err : (long long)a.failed;
+}
+
+int cti_zone_stats(struct cti *c, unsigned int zone, struct cti_zone *out)
+{
+	__u32 key = zone;
+
+	if (zone >= CTI_MAX_ZONES)
+		return -EINVAL;
+	if (bpf_map_lookup_elem(bpf_map__fd(c->skel->maps.cti_zones), &key, out))
+		return -errno;
+	return 0;
+}
+
+int cti_stats(struct cti *c, struct cti_stats *out)
+{
+	struct cti_stats *v;
+	__u32 key = 0;
+	int ncpu, i, err = 0;
+
+	ncpu = libbpf_num_possible_cpus();
+	if (ncpu < 0)
+		return ncpu;
+	v = calloc(ncpu, sizeof(*v));
+	if (!v)
+		return -ENOMEM;
+	if (bpf_map_lookup_elem(bpf_map__fd(c->skel->maps.cti_stats), &key, v)) {
+		err = -errno;
+		goto cleanup;
+	}
+	memset(out, 0, sizeof(*out));
+	for (i = 0; i < ncpu; i++) {
+		out->seen += v[i].seen;
+		out->no_ct += v[i].no_ct;
+		out->confirmed += v[i].confirmed;
+		out->recorded += v[i].recorded;
+		out->failed += v[i].failed;
+		out->read_err += v[i].read_err;
+	}
+cleanup:
+	free(v);
+	return err;
+}
+
+int cti_zone_records(struct cti *c, unsigned int zone, struct cti_record *buf,
+		     unsigned int n)
+{
+	struct cti_zone z;
+	unsigned long long slot;
+	unsigned int cnt = 0;
+	int fd, err;
+
+	err = cti_zone_stats(c, zone, &z);
+	if (err)
+		return err;
+	fd = bpf_map__fd(c->skel->maps.cti_records);
+	for (slot = z.tail; slot < z.head && cnt < n; slot++) {
+		__u64 key = ((__u64)zone << CTI_SLOT_BITS) |
+			    (slot & CTI_SLOT_MASK);
+
+		if (bpf_map_lookup_elem(fd, &key, &buf[cnt]) == 0)
+			cnt++;
+		else if (errno != ENOENT)
+			return -errno;
+	}
+	return (int)cnt;
+}

@@ -1,0 +1,75 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * ct_index_loader.h - userspace API of the per-zone conntrack index.
+ *
+ * Every function returns 0 (or a count) on success and -errno on failure.
+ * Nothing is printed; the last libbpf message (e.g. a verifier log tail)
+ * can be read with cti_last_log().
+ *
+ * One struct cti = one network namespace: the maps hold zones of the
+ * namespace the netfilter hooks were attached in.  Use one pin directory
+ * per namespace.  Only one process/thread may reap a given zone at a time.
+ */
+#ifndef __CT_INDEX_LOADER_H
+#define __CT_INDEX_LOADER_H
+
+#include "ct_index.h"
+
+/* ---- CFFI-CDEF-BEGIN ---- */
+
+struct cti;
+
+struct cti_reap_result {
+	unsigned long long deleted;     /* entries expired and removed */
+	unsigned long long gone;        /* records whose entry was already gone */
+	unsigned long long kept;        /* records kept (filter / alive) */
+	unsigned long long unsupported; /* non TCP/UDP records, left in place */
+	unsigned long long still_there; /* expired but not yet unlinked */
+	unsigned long long errors;
+	unsigned long long visited;
+	unsigned long long runs;        /* BPF_PROG_TEST_RUN calls */
+};
+
+/*
+ * Load the programs. Maps are pinned in pin_dir (created with mode 0700);
+ * pinned maps found there are reused.  max_records = 0 uses the default.
+ */
+int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out);
+/* Close fds. Pinned maps and links stay (and keep recording). */
+void cti_close(struct cti *c);
+/*
+ * Create the 4 netfilter links (IPv4/IPv6 x PRE_ROUTING/LOCAL_OUT, priority
+ * -199) inside netns_fd (-1: the caller's namespace) and pin them.  The
+ * namespace is remembered for the reaper runs.  -EEXIST if already pinned.
+ */
+int cti_attach(struct cti *c, int netns_fd);
+/* Use netns_fd for reaper runs without attaching (links already pinned). */
+int cti_set_netns(struct cti *c, int netns_fd);
+/* Unpin and release the links. */
+int cti_detach(struct cti *c);
+/* Remove the pinned maps (after cti_detach). */
+int cti_unpin(struct cti *c);
+
+/*
+ * Expire every recorded TCP/UDP entry of zone matching filter (NULL: all),
+ * prune records of dead entries.  Loops BPF_PROG_TEST_RUN until the pass
+ * is complete.  Returns 0 or -errno; counts in *res.
+ */
+int cti_reap_zone(struct cti *c, unsigned int zone,
+		  const struct cti_filter *filter, unsigned int batch,
+		  struct cti_reap_result *res);
+/* Drop records whose entry no longer exists (entries are not touched). */
+int cti_prune_zone(struct cti *c, unsigned int zone, unsigned int batch,
+		   struct cti_reap_result *res);
+/* Reset the zone's failed (dirty) counter; returns its old value. */
+long long cti_clear_dirty(struct cti *c, unsigned int zone);
+int cti_zone_stats(struct cti *c, unsigned int zone, struct cti_zone *out);
+int cti_stats(struct cti *c, struct cti_stats *out);
+/* Copy up to n records of zone into buf; returns how many. */
+int cti_zone_records(struct cti *c, unsigned int zone, struct cti_record *buf,
+		     unsigned int n);
+const char *cti_last_log(void);
+
+/* ---- CFFI-CDEF-END ---- */
+
+#endif /* __CT_INDEX_LOADER_H */

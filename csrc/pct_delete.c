@@ -1,0 +1,282 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Deleting: batched per-entry DELETEs behind one walk, and the one-message
+ * flush for kernels the probe proved safe. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <linux/netfilter/nfnetlink.h>
+#include <linux/netfilter/nfnetlink_conntrack.h>
+
+#include "pct.h"
+
+/* ---- batches of requests, one ack each ------------------------------- */
+
+char *pct_batch_slot(struct pct_handle *h, size_t need,
+                     struct pct_ack_counts *acks, int *err)
+{
+    *err = 0;
+    if (h->batch_count >= PCT_BATCH_MAX || h->slen + need > PCT_SBUF_SIZE) {
+        *err = pct_batch_flush(h, acks);
+        if (*err)
+            return NULL;
+    }
+    if (h->batch_count == 0)
+        h->batch_first_seq = h->seq + 1;
+    return h->sbuf + h->slen;
+}
+
+void pct_batch_commit(struct pct_handle *h, const struct nlmsghdr *nlh)
+{
+    h->slen += NLMSG_ALIGN(nlh->nlmsg_len);
+    h->batch_count++;
+}
+
+static void count_ack(struct pct_ack_counts *acks, int error)
+{
+    if (error == 0) {
+        acks->ok++;
+    } else if (error == -ENOENT) {
+        acks->enoent++;
+    } else {
+        acks->failed++;
+        if (!acks->first_errno)
+            acks->first_errno = -error;
+    }
+}
+
+/* Send the pending requests in one sendmsg and collect one ack per request:
+ * the kernel handles them in order inside the sendmsg, so all acks are
+ * queued by the time it returns. */
+int pct_batch_flush(struct pct_handle *h, struct pct_ack_counts *acks)
+{
+    int pending = h->batch_count, fd = mnl_socket_get_fd(h->cmd_nl);
+    unsigned int first = h->batch_first_seq;
+
+    if (!pending)
+        return 0;
+    h->batch_count = 0;
+    if (mnl_socket_sendto(h->cmd_nl, h->sbuf, h->slen) < 0) {
+        h->slen = 0;
+        return -errno;
+    }
+    h->slen = 0;
+    while (pending > 0) {
+        const struct nlmsghdr *nlh;
+        ssize_t n = recv(fd, h->abuf, PCT_RBUF_SIZE, 0);
+        int left;
+
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;   /* ENOBUFS: outcomes unknown, fail loudly */
+        }
+        left = (int)n;
+        for (nlh = (const struct nlmsghdr *)h->abuf; mnl_nlmsg_ok(nlh, left);
+             nlh = mnl_nlmsg_next(nlh, &left)) {
+            const struct nlmsgerr *e;
+
+            if (nlh->nlmsg_type != NLMSG_ERROR)
+                continue;
+            if (nlh->nlmsg_seq - first >= (unsigned int)PCT_BATCH_MAX)
+                continue;   /* not from this batch */
+            e = mnl_nlmsg_get_payload(nlh);
+            count_ack(acks, e->error);
+            pending--;
+        }
+    }
+    return 0;
+}
+
+/* One request, waiting for its ack; returns 0 or -errno from the kernel. */
+int pct_request(struct pct_handle *h, struct nlmsghdr *nlh)
+{
+    struct pct_ack_counts acks = {0};
+    char *slot;
+    int err;
+
+    if (h->batch_count) {
+        err = pct_batch_flush(h, &acks);
+        if (err)
+            return err;
+        memset(&acks, 0, sizeof(acks));
+    }
+    slot = pct_batch_slot(h, nlh->nlmsg_len, &acks, &err);
+    if (!slot)
+        return err;
+    nlh->nlmsg_flags |= NLM_F_ACK;
+    nlh->nlmsg_seq = ++h->seq;
+    h->batch_first_seq = nlh->nlmsg_seq;
+    memcpy(slot, nlh, nlh->nlmsg_len);
+    pct_batch_commit(h, nlh);
+    err = pct_batch_flush(h, &acks);
+    if (err)
+        return err;
+    return acks.ok ? 0 : (acks.enoent ? -ENOENT : -acks.first_errno);
+}
+
+/* ---- the walk ------------------------------------------------------------ */
+
+/* The fields every filter agrees on can be filtered by the kernel. */
+static void common_filter(const struct pct_filter *fs, int n, struct pct_filter *c)
+{
+    int i;
+
+    *c = fs[0];
+    if (n == 1)
+        return;
+    c->fields &= PCT_F_ZONE | PCT_F_FAMILY | PCT_F_MARK;
+    for (i = 1; i < n; i++) {
+        const struct pct_filter *f = &fs[i];
+        if (!(f->fields & PCT_F_ZONE) || f->zone != c->zone)
+            c->fields &= ~PCT_F_ZONE;
+        if (!(f->fields & PCT_F_FAMILY) || f->family != c->family)
+            c->fields &= ~PCT_F_FAMILY;
+        if (!(f->fields & PCT_F_MARK) || f->mark != c->mark || f->mark_mask != c->mark_mask)
+            c->fields &= ~PCT_F_MARK;
+    }
+}
+
+static int any_match(const struct pct_filter *fs, int n, const struct pct_entry *e)
+{
+    int i;
+
+    for (i = 0; i < n; i++)
+        if (pct_match(&fs[i], e))
+            return 1;
+    return 0;
+}
+
+static int queue_delete(struct pct_handle *h, const struct pct_entry *e,
+                        const struct nlattr *orig, int use_zone_attr,
+                        struct pct_ack_counts *acks)
+{
+    struct nlmsghdr *nlh;
+    char *slot;
+    int err;
+
+    slot = pct_batch_slot(h, NLMSG_HDRLEN + 64 + orig->nla_len, acks, &err);
+    if (!slot)
+        return err;
+    nlh = pct_put_request(slot, IPCTNL_MSG_CT_DELETE, NLM_F_ACK, e->family, 0, ++h->seq);
+    mnl_attr_put(nlh, orig->nla_type, mnl_attr_get_payload_len(orig),
+                 mnl_attr_get_payload(orig));
+    /* zone: look the tuple up in the entry's zone; id: never hit a newer
+     * connection that reuses the tuple */
+    if (use_zone_attr)
+        mnl_attr_put_u16(nlh, CTA_ZONE, htons(e->zone));
+    mnl_attr_put_u32(nlh, CTA_ID, htonl(e->id));
+    pct_batch_commit(h, nlh);
+    return 0;
+}
+
+int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int n,
+                    unsigned int kflags, int dry_run, int use_zone_attr,
+                    struct pct_delete_result *res)
+{
+    struct pct_ack_counts acks = {0};
+    const struct nlmsghdr *nlh;
+    const struct nlattr *orig;
+    struct pct_filter common;
+    struct pct_entry e;
+    int rc, err = 0;
+
+    memset(res, 0, sizeof(*res));
+    if (n < 1)
+        return -EINVAL;
+    common_filter(filters, n, &common);
+    if (n > 1)
+        kflags &= ~(PCT_K_TUPLE_V4 | PCT_K_TUPLE_V6);
+    rc = pct_dump_start(h, &common, kflags);
+    if (rc < 0)
+        return rc;
+    res->walks = 1;
+    while ((rc = pct_next_msg(h, &nlh)) > 0) {
+        res->dumped++;
+        if (pct_parse_entry(nlh, &e, &orig) < 0 || !any_match(filters, n, &e))
+            continue;
+        res->matched++;
+        if (dry_run)
+            continue;
+        err = queue_delete(h, &e, orig, use_zone_attr, &acks);
+        if (err)
+            break;
+    }
+    if (err)
+        pct_dump_abort(h);
+    else if (rc < 0)
+        err = rc;
+    if (!err)
+        err = pct_batch_flush(h, &acks);
+    else
+        pct_batch_flush(h, &acks);
+    res->deleted = acks.ok;
+    res->already_gone = acks.enoent;
+    res->failed = acks.failed;
+    res->first_errno = acks.first_errno;
+    return err;
+}
+
+/* ---- flush and stats ----------------------------------------------------- */
+
+int pct_flush(struct pct_handle *h, const struct pct_filter *f)
+{
+    char buf[MNL_SOCKET_BUFFER_SIZE];
+    struct nlmsghdr *nlh;
+    unsigned char family = (f->fields & PCT_F_FAMILY) ? f->family : 0;
+
+    /* A flush may carry nothing the kernel could silently ignore beyond what
+     * the probe proved: refuse anything else outright. */
+    if (f->fields & ~(PCT_F_ZONE | PCT_F_FAMILY | PCT_F_MARK))
+        return -EINVAL;
+    if (!(f->fields & PCT_F_ZONE))
+        return -EINVAL;
+    /* version 1: the kernel honours the family only then */
+    nlh = pct_put_request(buf, IPCTNL_MSG_CT_DELETE, 0, family, 1, 0);
+    mnl_attr_put_u16(nlh, CTA_ZONE, htons(f->zone));
+    if (f->fields & PCT_F_MARK) {
+        mnl_attr_put_u32(nlh, CTA_MARK, htonl(f->mark));
+        mnl_attr_put_u32(nlh, CTA_MARK_MASK, htonl(f->mark_mask));
+    }
+    return pct_request(h, nlh);
+}
+
+long long pct_table_count(struct pct_handle *h)
+{
+    char buf[MNL_SOCKET_BUFFER_SIZE];
+    struct nlmsghdr *nlh;
+    unsigned int seq = ++h->seq;
+    int fd = mnl_socket_get_fd(h->cmd_nl);
+
+    nlh = pct_put_request(buf, IPCTNL_MSG_CT_GET_STATS, 0, AF_UNSPEC, 0, seq);
+    if (mnl_socket_sendto(h->cmd_nl, nlh, nlh->nlmsg_len) < 0)
+        return -errno;
+    for (;;) {
+        const struct nlmsghdr *m;
+        ssize_t n = recv(fd, h->abuf, PCT_RBUF_SIZE, 0);
+        int left;
+
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        left = (int)n;
+        for (m = (const struct nlmsghdr *)h->abuf; mnl_nlmsg_ok(m, left);
+             m = mnl_nlmsg_next(m, &left)) {
+            const struct nlattr *a;
+
+            if (m->nlmsg_seq != seq)
+                continue;
+            if (m->nlmsg_type == NLMSG_ERROR) {
+                const struct nlmsgerr *e = mnl_nlmsg_get_payload(m);
+                return e->error ? e->error : -EBADMSG;
+            }
+            mnl_attr_for_each(a, m, sizeof(struct nfgenmsg)) {
+                if (mnl_attr_get_type(a) == CTA_STATS_GLOBAL_ENTRIES)
+                    return ntohl(mnl_attr_get_u32(a));
+            }
+            return -EBADMSG;
+        }
+    }
+}

@@ -1,0 +1,20 @@
+"""pyconntrack: delete Linux conntrack entries by zone, address, port and mark,
+exactly and fast, on every kernel.
+
+    >>> import pyconntrack
+    >>> with pyconntrack.Conntrack(netns="tenant1") as ct:
+    ...     ct.delete(pyconntrack.Filter(zone=4242, addr="10.1.2.3"))
+"""
+from .conntrack import Conntrack, probe_capabilities
+from .errors import (ConntrackError, InvalidFilter, KernelUnsupported, NamespaceNotFound,
+                     PermissionDenied)
+from .filter import Filter
+from .types import Capabilities, DeleteResult, Entry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Capabilities", "Conntrack", "ConntrackError", "DeleteResult", "Entry", "Filter",
+    "InvalidFilter", "KernelUnsupported", "NamespaceNotFound", "PermissionDenied",
+    "probe_capabilities", "__version__",
+]

@@ -1,0 +1,228 @@
+"""The only module that touches the cffi ``lib``: conversions between Python
+values and the shim's structs, and errno checks."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Iterator, List, Optional, Sequence
+
+from ._pct import ffi, lib
+from .errors import ConntrackError, from_errno
+from .filter import Filter
+from .types import Capabilities, Entry, TCP_STATES
+
+ABI_VERSION = 1
+DUMP_BATCH = 1024
+
+if lib.PCT_ABI_VERSION != ABI_VERSION:  # a stale build next to newer Python code
+    raise ImportError(f"pyconntrack._pct ABI {lib.PCT_ABI_VERSION} != {ABI_VERSION}: rebuild")
+
+K_FAMILY = lib.PCT_K_FAMILY
+K_MARK = lib.PCT_K_MARK
+K_ZONE = lib.PCT_K_ZONE
+K_TUPLE_V4 = lib.PCT_K_TUPLE_V4
+K_TUPLE_V6 = lib.PCT_K_TUPLE_V6
+
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_FAMILY_NAME = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+
+
+def check(rc: int, operation: str, netns: Optional[str] = None) -> int:
+    if rc < 0:
+        raise from_errno(rc, operation, netns)
+    return rc
+
+
+class Handle:
+    """Two ctnetlink sockets bound in one network namespace."""
+
+    def __init__(self, netns_path: Optional[str], netns_label: Optional[str]) -> None:
+        out = ffi.new("struct pct_handle **")
+        path = ffi.NULL if netns_path is None else netns_path.encode()
+        check(lib.pct_open(path, out), "pct_open", netns_label)
+        self._h = ffi.gc(out[0], lib.pct_close)
+        self.netns = netns_label
+
+    def close(self) -> None:
+        if self._h is not None:
+            ffi.release(self._h)
+            self._h = None
+
+    @property
+    def raw(self):
+        if self._h is None:
+            raise ConntrackError("handle is closed", None, None)
+        return self._h
+
+
+def _put_prefix(dst, net) -> None:
+    packed = net.network_address.packed
+    ffi.memmove(dst.addr, packed, len(packed))
+    dst.plen = net.prefixlen
+
+
+def to_c_filter(f: Filter, out=None):
+    c = out if out is not None else ffi.new("struct pct_filter *")
+    fields = 0
+    if f.zone is not None:
+        fields |= lib.PCT_F_ZONE
+        c.zone = f.zone
+    if f.family is not None:
+        fields |= lib.PCT_F_FAMILY
+        c.family = _AF[f.family]
+    if f.proto is not None:
+        fields |= lib.PCT_F_PROTO
+        c.proto = f.proto
+    for name, flag in (("src", lib.PCT_F_SRC), ("dst", lib.PCT_F_DST), ("addr", lib.PCT_F_ADDR),
+                       ("reply_src", lib.PCT_F_REPLY_SRC), ("reply_dst", lib.PCT_F_REPLY_DST)):
+        net = getattr(f, name)
+        if net is not None:
+            fields |= flag
+            _put_prefix(getattr(c, name), net)
+    if f.sport is not None:
+        fields |= lib.PCT_F_SPORT
+        c.sport_lo, c.sport_hi = f.sport
+    if f.dport is not None:
+        fields |= lib.PCT_F_DPORT
+        c.dport_lo, c.dport_hi = f.dport
+    if f.mark is not None:
+        fields |= lib.PCT_F_MARK
+        c.mark, c.mark_mask = f.mark
+    c.fields = fields
+    return c
+
+
+def _addr(family: int, raw) -> "ipaddress.IPv4Address | ipaddress.IPv6Address":
+    if family == socket.AF_INET6:
+        return ipaddress.IPv6Address(bytes(ffi.buffer(raw, 16)))
+    return ipaddress.IPv4Address(bytes(ffi.buffer(raw, 4)))
+
+
+def _entry(e) -> Entry:
+    fam = e.family
+    ports = bool(e.has_ports)
+    icmp = e.proto in (1, 58)
+    return Entry(
+        family=_FAMILY_NAME.get(fam, str(fam)), proto=e.proto, zone=e.zone,
+        src=_addr(fam, e.orig_src), dst=_addr(fam, e.orig_dst),
+        sport=e.orig_sport if ports else None, dport=e.orig_dport if ports else None,
+        reply_src=_addr(fam, e.reply_src), reply_dst=_addr(fam, e.reply_dst),
+        reply_sport=e.reply_sport if ports else None,
+        reply_dport=e.reply_dport if ports else None,
+        icmp_type=e.icmp_type if icmp else None, icmp_code=e.icmp_code if icmp else None,
+        icmp_id=e.icmp_id if icmp else None,
+        mark=e.mark, status=e.status, timeout=e.timeout,
+        tcp_state=(TCP_STATES[e.tcp_state] if e.tcp_state < len(TCP_STATES) else str(e.tcp_state))
+        if e.proto == 6 else None,
+        id=e.id,
+    )
+
+
+def dump(h: Handle, f: Filter, kflags: int) -> Iterator[Entry]:
+    """Stream matching entries; the kernel sends them in batches that the shim
+    filters and hands over DUMP_BATCH at a time."""
+    cf = to_c_filter(f)
+    buf = ffi.new("struct pct_entry[]", DUMP_BATCH)
+    check(lib.pct_dump_start(h.raw, cf, kflags), "pct_dump_start", h.netns)
+    finished = False
+    try:
+        while True:
+            n = check(lib.pct_dump_next(h.raw, buf, DUMP_BATCH), "pct_dump_next", h.netns)
+            if n == 0:
+                finished = True
+                return
+            for i in range(n):
+                yield _entry(buf[i])
+    finally:
+        if not finished and h._h is not None:
+            lib.pct_dump_abort(h.raw)
+
+
+def count(h: Handle, f: Filter, kflags: int) -> int:
+    return check(lib.pct_count(h.raw, to_c_filter(f), kflags), "pct_count", h.netns)
+
+
+def delete_walk(h: Handle, filters: Sequence[Filter], kflags: int, dry_run: bool,
+                use_zone_attr: bool) -> dict:
+    cfs = ffi.new("struct pct_filter[]", len(filters))
+    for i, f in enumerate(filters):
+        to_c_filter(f, cfs[i])
+    res = ffi.new("struct pct_delete_result *")
+    rc = lib.pct_delete_walk(h.raw, cfs, len(filters), kflags, int(dry_run),
+                             int(use_zone_attr), res)
+    check(rc, "pct_delete_walk", h.netns)
+    return {"matched": res.matched, "deleted": res.deleted, "already_gone": res.already_gone,
+            "failed": res.failed, "errno": res.first_errno, "walks": res.walks,
+            "dumped": res.dumped}
+
+
+def flush(h: Handle, f: Filter) -> None:
+    check(lib.pct_flush(h.raw, to_c_filter(f)), "pct_flush", h.netns)
+
+
+def table_count(h: Handle) -> int:
+    return check(lib.pct_table_count(h.raw), "pct_table_count", h.netns)
+
+
+def create(h: Handle, *, family: int, proto: int, zone: int, src: str, dst: str,
+           sport_base: int, dport: int, count: int, mark: int, timeout: int,
+           reply_src: Optional[str], reply_dst: Optional[str], use_zone: bool) -> tuple:
+    spec = ffi.new("struct pct_create_spec *")
+    spec.family = _AF[family]
+    spec.proto = proto
+    spec.zone = zone
+    for name, value in (("src", src), ("dst", dst), ("reply_src", reply_src),
+                        ("reply_dst", reply_dst)):
+        if value is not None:
+            packed = ipaddress.ip_address(value).packed
+            ffi.memmove(getattr(spec, name), packed, len(packed))
+    spec.sport_base = sport_base
+    spec.dport = dport
+    spec.mark = mark
+    spec.timeout = timeout
+    spec.count = count
+    spec.use_zone = int(use_zone)
+    failed = ffi.new("unsigned long long *")
+    first = ffi.new("int *")
+    created = check(lib.pct_create(h.raw, spec, failed, first), "pct_create", h.netns)
+    return created, failed[0], first[0]
+
+
+def probe() -> Capabilities:
+    caps = ffi.new("struct pct_caps *")
+    rc = lib.pct_probe(caps)
+    if rc < 0:
+        err = from_errno(rc, "pct_probe")
+        return Capabilities(probed=False, probe_error=str(err))
+    names = ("zones", "dump_zone", "flush_zone", "flush_family", "flush_mark", "dump_mark",
+             "dump_filter_v4", "dump_filter_v6", "dump_filter_v6_inverted", "flush_filter")
+    values = {n: bool(getattr(caps, n)) for n in names}
+    error = ""
+    if caps.probe_errno:
+        error = str(from_errno(-caps.probe_errno, "pct_probe"))
+    return Capabilities(probed=bool(caps.probed), probe_error=error, **values)
+
+
+def c_match(f: Filter, entry_fields: dict) -> bool:
+    """Run the shim's matcher on a synthetic entry (unit tests of the C check)."""
+    cf = to_c_filter(f)
+    e = ffi.new("struct pct_entry *")
+    fam = entry_fields["family"]
+    e.family = _AF[fam]
+    e.proto = entry_fields.get("proto", 0)
+    e.zone = entry_fields.get("zone", 0)
+    e.mark = entry_fields.get("mark", 0)
+    for name in ("orig_src", "orig_dst", "reply_src", "reply_dst"):
+        packed = ipaddress.ip_address(entry_fields[name]).packed
+        ffi.memmove(getattr(e, name), packed, len(packed))
+    if entry_fields.get("sport") is not None:
+        e.has_ports = 1
+        e.orig_sport = entry_fields["sport"]
+        e.orig_dport = entry_fields["dport"]
+    return bool(lib.pct_match(cf, e))
+
+
+def sizes() -> List[int]:
+    """sizeof every struct the shim shares (layout smoke test)."""
+    return [ffi.sizeof(t) for t in ("struct pct_filter", "struct pct_entry", "struct pct_caps",
+                                    "struct pct_delete_result", "struct pct_create_spec")]

@@ -1,0 +1,216 @@
+"""Conntrack: the public entry point. filter -> plan -> walk or flush -> result."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import threading
+import time
+from typing import Iterable, Iterator, Optional, Sequence
+
+from . import _lowlevel as ll
+from .errors import ConntrackError, InvalidFilter, NamespaceNotFound
+from .filter import Filter, _family, _proto, _zone
+from .plan import Plan, kernel_filters as _kflags, plan_delete, plan_delete_many
+from .types import Capabilities, DeleteResult, Entry
+
+NETNS_DIR = "/var/run/netns"
+_NETNS_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+_probe_lock = threading.Lock()
+_probe_cache: dict = {}
+
+
+def probe_capabilities(refresh: bool = False) -> Capabilities:
+    """Probe the kernel once per process (in a throwaway netns) and cache it."""
+    with _probe_lock:
+        key = os.getpid()  # a forked child probes for itself
+        if refresh or key not in _probe_cache:
+            caps = ll.probe()
+            _probe_cache.clear()
+            _probe_cache[key] = Capabilities(**{**caps.to_dict(), "kernel": os.uname().release})
+        return _probe_cache[key]
+
+
+def resolve_netns(netns: Optional[str]) -> Optional[str]:
+    """A name under /var/run/netns, or an absolute path (e.g. /proc/PID/ns/net)."""
+    if netns is None:
+        return None
+    if not isinstance(netns, str) or not netns:
+        raise InvalidFilter(f"netns must be a name or an absolute path, not {netns!r}")
+    if netns.startswith("/"):
+        path = netns
+    elif _NETNS_NAME.match(netns) and netns not in (".", ".."):
+        path = os.path.join(NETNS_DIR, netns)
+    else:
+        raise InvalidFilter(f"invalid netns name {netns!r}")
+    if not os.path.exists(path):
+        raise NamespaceNotFound(f"network namespace not found: {netns} ({path})", 2, "open")
+    return path
+
+
+def _as_filter(f: Optional[Filter]) -> Filter:
+    if f is None:
+        return Filter()
+    if not isinstance(f, Filter):
+        raise InvalidFilter(f"expected a pyconntrack.Filter, not {type(f).__name__}")
+    return f
+
+
+def _check_default_zone(f: Filter, allow: bool) -> None:
+    if f.is_broad_on_default_zone() and not allow:
+        what = "zone 0" if f.zone == 0 else "every zone, zone 0 included"
+        raise InvalidFilter(
+            f"filter {f.describe()} matches all of {what}, the host's own connections; "
+            "pass allow_default_zone=True (CLI: --force) if that is really meant")
+
+
+class Conntrack:
+    """The conntrack table of one network namespace.
+
+    ``Conntrack(netns=None)`` works on the caller's namespace; ``netns`` is a
+    name under /var/run/netns or an absolute namespace path. ``capabilities``
+    may lower (never raise) what the probe found, e.g. to force the fallback
+    paths. Not shared between threads without the internal lock: every method
+    takes it.
+    """
+
+    def __init__(self, netns: Optional[str] = None, *,
+                 capabilities: Optional[Capabilities] = None) -> None:
+        self.netns = netns
+        self._path = resolve_netns(netns)
+        self._restrict = capabilities
+        self._lock = threading.RLock()
+        self._handle: Optional[ll.Handle] = ll.Handle(self._path, netns)
+
+    # -- lifetime ----------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+
+    def __enter__(self) -> "Conntrack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _h(self) -> ll.Handle:
+        if self._handle is None:
+            raise ConntrackError("Conntrack is closed")
+        return self._handle
+
+    # -- capabilities --------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        caps = probe_capabilities()
+        if self._restrict is not None:
+            caps = caps.restrict(self._restrict)
+        return caps
+
+    # -- reading -----------------------------------------------------------------
+    def dump(self, filter: Optional[Filter] = None) -> Iterator[Entry]:
+        """Stream the matching entries (a private socket: safe to interleave
+        with other calls)."""
+        f = _as_filter(filter)
+        kflags = _kflags(self.capabilities())
+        handle = ll.Handle(self._path, self.netns)
+        try:
+            yield from ll.dump(handle, f, kflags)
+        finally:
+            handle.close()
+
+    def count(self, filter: Optional[Filter] = None) -> int:
+        f = _as_filter(filter)
+        kflags = _kflags(self.capabilities())
+        with self._lock:
+            return ll.count(self._h(), f, kflags)
+
+    def table_count(self) -> int:
+        """Entries in the namespace's table (one stats message, no walk)."""
+        with self._lock:
+            return ll.table_count(self._h())
+
+    # -- deleting ----------------------------------------------------------------
+    def delete(self, filter: Filter, strategy: str = "auto", dry_run: bool = False,
+               allow_default_zone: bool = False) -> DeleteResult:
+        """Delete the entries matching ``filter``.
+
+        ``strategy``: ``auto`` (fastest safe), ``flush`` (one kernel message;
+        only zone [+ family, mark] on a kernel whose probe passed) or ``walk``
+        (dump + exact match + batched per-entry deletes with zone and id).
+        Raises InvalidFilter, KernelUnsupported (forced flush the kernel lacks),
+        PermissionDenied, NamespaceNotFound, ConntrackError.
+        """
+        if filter is None:
+            raise InvalidFilter("delete needs a Filter (Filter() deletes everything)")
+        f = _as_filter(filter)
+        _check_default_zone(f, allow_default_zone)
+        plan = plan_delete(f, self.capabilities(), strategy)
+        return self._execute(plan, [f], dry_run)
+
+    def delete_many(self, filters: Iterable[Filter], dry_run: bool = False,
+                    allow_default_zone: bool = False) -> DeleteResult:
+        """Delete entries matching any of ``filters`` in one walk."""
+        fs = [_as_filter(f) for f in filters]
+        for f in fs:
+            _check_default_zone(f, allow_default_zone)
+        plan = plan_delete_many(fs, self.capabilities())
+        return self._execute(plan, fs, dry_run)
+
+    def _execute(self, plan: Plan, filters: Sequence[Filter], dry_run: bool) -> DeleteResult:
+        start = time.perf_counter()
+        with self._lock:
+            h = self._h()
+            if plan.strategy == "flush" and not dry_run:
+                before = ll.table_count(h)
+                ll.flush(h, filters[0])
+                after = ll.table_count(h)
+                gone = max(0, before - after)
+                return DeleteResult(gone, gone, 0, 0, 0, "flush", 1,
+                                    time.perf_counter() - start, plan.reason)
+            r = ll.delete_walk(h, filters, plan.kflags, dry_run, plan.use_zone_attr)
+        return DeleteResult(r["matched"], r["deleted"], r["already_gone"], r["failed"],
+                            r["errno"], plan.strategy, r["walks"],
+                            time.perf_counter() - start, plan.reason)
+
+    # -- creating (tests, demo, benchmarks) ------------------------------------------
+    def create_many(self, count: int, *, zone: int = 0, family: str = "ipv4",
+                    proto: str | int = "udp", src: Optional[str] = None,
+                    dst: Optional[str] = None, sport: int = 1024, dport: int = 80,
+                    mark: int = 0, timeout: int = 3600, reply_src: Optional[str] = None,
+                    reply_dst: Optional[str] = None) -> int:
+        """Create ``count`` entries in batches: the source port counts up from
+        ``sport`` (to 65535), then the source address. Returns the number
+        created; raises ConntrackError if any create failed."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 0xFFFFFFFF:
+            raise InvalidFilter(f"count must be a non-negative int, not {count!r}")
+        fam = _family(family)
+        z = _zone(zone)
+        p = _proto(proto)
+        if isinstance(sport, bool) or not isinstance(sport, int) or not 1 <= sport <= 65535:
+            raise InvalidFilter(f"sport must be 1..65535, not {sport!r}")
+        if isinstance(dport, bool) or not isinstance(dport, int) or not 0 <= dport <= 65535:
+            raise InvalidFilter(f"dport must be 0..65535, not {dport!r}")
+        src = src or ("10.0.0.1" if fam == 4 else "fd00::1")
+        dst = dst or ("192.0.2.1" if fam == 4 else "2001:db8::1")
+        for name, value in (("src", src), ("dst", dst), ("reply_src", reply_src),
+                            ("reply_dst", reply_dst)):
+            if value is None:
+                continue
+            try:
+                if ipaddress.ip_address(value).version != fam:
+                    raise InvalidFilter(f"{name} {value} is not an ipv{fam} address")
+            except ValueError:
+                raise InvalidFilter(f"{name}: invalid IP address {value!r}") from None
+        caps = self.capabilities()
+        with self._lock:
+            created, failed, first = ll.create(
+                self._h(), family=fam, proto=p, zone=z, src=src, dst=dst, sport_base=sport,
+                dport=dport, count=count, mark=mark, timeout=timeout, reply_src=reply_src,
+                reply_dst=reply_dst, use_zone=caps.zones or not caps.probed)
+        if failed:
+            err = ll.from_errno(-first, "pct_create", self.netns) if first else None
+            raise ConntrackError(f"{failed} of {count} creates failed"
+                                 f"{': ' + str(err) if err else ''}", first, "pct_create")
+        return created

@@ -1,0 +1,77 @@
+"""Choosing how to delete: from the filter and what the probe proved."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from . import _lowlevel as ll
+from .errors import InvalidFilter, KernelUnsupported
+from .filter import Filter
+from .types import Capabilities
+
+STRATEGIES = ("auto", "flush", "walk")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    strategy: str        # "flush" or "walk"
+    kflags: int          # kernel-side dump filters the walk may use
+    use_zone_attr: bool  # send CTA_ZONE with each delete
+    reason: str          # why this strategy (and why not a faster one)
+
+
+def kernel_filters(caps: Capabilities) -> int:
+    """Dump filters this kernel is proven to honour; the shim re-checks
+    every field regardless, so these only save work."""
+    flags = ll.K_FAMILY
+    if caps.dump_mark:
+        flags |= ll.K_MARK
+    if caps.dump_zone:
+        flags |= ll.K_ZONE
+    if caps.dump_filter_v4:
+        flags |= ll.K_TUPLE_V4
+    if caps.dump_filter_v6:  # false where the IPv6 match is inverted
+        flags |= ll.K_TUPLE_V6
+    return flags
+
+
+def _flush_refusal(f: Filter, caps: Capabilities) -> str:
+    """Why one flush message cannot do this delete safely ('' if it can)."""
+    if not f.is_zone_flushable():
+        return "filter is more than zone [+ family, mark]"
+    if not caps.probed:
+        return f"kernel not probed ({caps.probe_error or 'probe did not run'})"
+    if not caps.flush_zone:
+        return "kernel ignores the zone in a flush (probe): a flush would wipe every zone"
+    if f.family is not None and not caps.flush_family:
+        return "kernel ignores the family in a flush (probe)"
+    if f.mark is not None and not caps.flush_mark:
+        return "kernel ignores the mark in a flush (probe)"
+    return ""
+
+
+def plan_delete(f: Filter, caps: Capabilities, strategy: str = "auto") -> Plan:
+    if strategy not in STRATEGIES:
+        raise InvalidFilter(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    use_zone = caps.zones or not caps.probed
+    kflags = kernel_filters(caps)
+    refusal = _flush_refusal(f, caps)
+    if strategy == "flush":
+        if refusal and not f.is_zone_flushable():
+            raise InvalidFilter(f"strategy flush cannot express this filter: {refusal}")
+        if refusal:
+            raise KernelUnsupported(f"strategy flush refused: {refusal}")
+        return Plan("flush", kflags, use_zone, "forced")
+    if strategy == "walk":
+        return Plan("walk", kflags, use_zone, "forced")
+    if not refusal:
+        return Plan("flush", kflags, use_zone, "one kernel flush (zone filter proven by probe)")
+    return Plan("walk", kflags, use_zone, f"walk: {refusal}")
+
+
+def plan_delete_many(filters: Sequence[Filter], caps: Capabilities) -> Plan:
+    if not filters:
+        raise InvalidFilter("delete_many needs at least one filter")
+    use_zone = caps.zones or not caps.probed
+    return Plan("walk", kernel_filters(caps), use_zone,
+                f"one walk for {len(filters)} filters")

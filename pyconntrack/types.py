@@ -1,0 +1,100 @@
+"""Result and value types."""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from typing import NamedTuple, Optional, Union
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 47: "gre",
+               58: "icmpv6", 132: "sctp", 136: "udplite"}
+PROTO_NUMBERS = {name: num for num, name in PROTO_NAMES.items()}
+TCP_STATES = ["NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT",
+              "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2"]
+
+
+class Entry(NamedTuple):
+    """One conntrack entry (original and reply tuples, zone, mark, id)."""
+
+    family: str
+    proto: int
+    zone: int
+    src: IPAddress
+    dst: IPAddress
+    sport: Optional[int]
+    dport: Optional[int]
+    reply_src: IPAddress
+    reply_dst: IPAddress
+    reply_sport: Optional[int]
+    reply_dport: Optional[int]
+    icmp_type: Optional[int]
+    icmp_code: Optional[int]
+    icmp_id: Optional[int]
+    mark: int
+    status: int
+    timeout: int
+    tcp_state: Optional[str]
+    id: int
+
+    @property
+    def proto_name(self) -> str:
+        return PROTO_NAMES.get(self.proto, str(self.proto))
+
+    def to_dict(self) -> dict:
+        d = self._asdict()
+        for key in ("src", "dst", "reply_src", "reply_dst"):
+            d[key] = str(d[key])
+        d["proto"] = self.proto_name
+        return d
+
+
+class DeleteResult(NamedTuple):
+    """What a delete did. ``errno`` is the first failure's errno (0 if none)."""
+
+    matched: int
+    deleted: int
+    already_gone: int
+    failed: int
+    errno: int
+    strategy: str
+    walks: int
+    elapsed_s: float
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def to_dict(self) -> dict:
+        return self._asdict()
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What the probe proved about this kernel (all False when unprobed)."""
+
+    probed: bool = False
+    probe_error: str = ""
+    zones: bool = False
+    dump_zone: bool = False
+    flush_zone: bool = False
+    flush_family: bool = False
+    flush_mark: bool = False
+    dump_mark: bool = False
+    dump_filter_v4: bool = False
+    dump_filter_v6: bool = False
+    dump_filter_v6_inverted: bool = False
+    flush_filter: bool = False
+    kernel: str = ""
+
+    def restrict(self, other: "Capabilities") -> "Capabilities":
+        """Only what both allow: a caller can lower, never raise, capabilities."""
+        fields = {}
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            fields[f.name] = (a and b) if isinstance(a, bool) else a
+        return Capabilities(**fields)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
