@@ -182,6 +182,7 @@ struct reap_ctx {
 	      holes;
 	__u32 zone;
 	__u32 op;
+	__u32 flags;
 	__u32 resolved; /* every slot < end is written or known failed */
 	__u32 stuck;    /* a slot could not be resolved: tail stops there */
 };
@@ -299,6 +300,11 @@ static long reap_one(__u64 idx, void *data)
 		c->errors++;
 		goto keep;
 	}
+	if (c->flags & CTI_RF_NO_REAP_LOOKUP) {
+		c->still_there++;
+		act = ACT_REMOVE;
+		goto keep;
+	}
 	/* the entry is expired now; a lookup of its tuple reaps it at once */
 	ct = ct_lookup(c, &r, &opts);
 	if (ct) {
@@ -344,6 +350,7 @@ int cti_reap(struct xdp_md *ctx)
 
 	c.zone = a->zone;
 	c.op = a->op;
+	c.flags = a->flags;
 	if (c.zone >= CTI_MAX_ZONES) {
 		a->status = -22;
 		return XDP_PASS;

@@ -28,6 +28,9 @@
 #define CTI_OP_PRUNE 2       /* only drop records whose entry is gone */
 #define CTI_OP_CLEAR_DIRTY 3 /* reset cti_zone.failed, old value in .failed */
 
+/* struct cti_reap_args.flags */
+#define CTI_RF_NO_REAP_LOOKUP 1 /* experiment: skip the 2nd lookup that unlinks */
+
 /* struct cti_filter.flags: every set field must match (AND) */
 #define CTI_F_FAMILY 1
 #define CTI_F_PROTO 2
@@ -93,7 +96,7 @@ struct cti_reap_args {
 	unsigned int op;           /* CTI_OP_* */
 	unsigned int zone;
 	unsigned int budget;       /* max records to visit, <= CTI_MAX_BATCH */
-	unsigned int pad0;
+	unsigned int flags;        /* CTI_RF_* */
 	unsigned long long end;    /* pass end slot; 0 = start a pass at head */
 	struct cti_filter filter;
 	/* out */

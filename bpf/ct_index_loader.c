@@ -177,6 +177,25 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 		if (err)
 			goto cleanup;
 	}
+	/* reopening: adopt the pinned record map's size unless one is forced */
+	if (!max_records) {
+		struct bpf_map_info info;
+		__u32 len = sizeof(info);
+		int fd;
+
+		pin_path(c, "cti_records", path, sizeof(path));
+		fd = bpf_obj_get(path);
+		if (fd >= 0) {
+			memset(&info, 0, sizeof(info));
+			err = bpf_obj_get_info_by_fd(fd, &info, &len);
+			close(fd);
+			if (!err)
+				err = bpf_map__set_max_entries(
+					c->skel->maps.cti_records, info.max_entries);
+			if (err)
+				goto cleanup;
+		}
+	}
 	/* reuses compatible pinned maps, pins new ones */
 	err = ct_index__load(c->skel);
 	if (err)
@@ -328,7 +347,7 @@ static int run_reaper(struct cti *c, struct cti_reap_args *a)
 
 static int reap_loop(struct cti *c, unsigned int op, unsigned int zone,
 		     const struct cti_filter *filter, unsigned int batch,
-		     struct cti_reap_result *res)
+		     unsigned int flags, struct cti_reap_result *res)
 {
 	struct cti_reap_args a;
 	unsigned long long max_runs;
@@ -340,6 +359,7 @@ static int reap_loop(struct cti *c, unsigned int op, unsigned int zone,
 	memset(&a, 0, sizeof(a));
 	a.op = op;
 	a.zone = zone;
+	a.flags = flags;
 	a.budget = batch && batch <= CTI_MAX_BATCH ? batch : CTI_MAX_BATCH;
 	if (filter)
 		a.filter = *filter;
@@ -373,13 +393,20 @@ int cti_reap_zone(struct cti *c, unsigned int zone,
 		  const struct cti_filter *filter, unsigned int batch,
 		  struct cti_reap_result *res)
 {
-	return reap_loop(c, CTI_OP_REAP, zone, filter, batch, res);
+	return reap_loop(c, CTI_OP_REAP, zone, filter, batch, 0, res);
+}
+
+int cti_reap_zone_flags(struct cti *c, unsigned int zone,
+			const struct cti_filter *filter, unsigned int batch,
+			unsigned int flags, struct cti_reap_result *res)
+{
+	return reap_loop(c, CTI_OP_REAP, zone, filter, batch, flags, res);
 }
 
 int cti_prune_zone(struct cti *c, unsigned int zone, unsigned int batch,
 		   struct cti_reap_result *res)
 {
-	return reap_loop(c, CTI_OP_PRUNE, zone, NULL, batch, res);
+	return reap_loop(c, CTI_OP_PRUNE, zone, NULL, batch, 0, res);
 }
 
 long long cti_clear_dirty(struct cti *c, unsigned int zone)

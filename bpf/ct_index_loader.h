@@ -58,6 +58,10 @@ int cti_unpin(struct cti *c);
 int cti_reap_zone(struct cti *c, unsigned int zone,
 		  const struct cti_filter *filter, unsigned int batch,
 		  struct cti_reap_result *res);
+/* Same with CTI_RF_* flags (experiments). */
+int cti_reap_zone_flags(struct cti *c, unsigned int zone,
+			const struct cti_filter *filter, unsigned int batch,
+			unsigned int flags, struct cti_reap_result *res);
 /* Drop records whose entry no longer exists (entries are not touched). */
 int cti_prune_zone(struct cti *c, unsigned int zone, unsigned int batch,
 		   struct cti_reap_result *res);

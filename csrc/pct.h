@@ -46,6 +46,7 @@ int pct_parse_entry(const struct nlmsghdr *nlh, struct pct_entry *e,
 void pct_put_kernel_filter(struct nlmsghdr *nlh, const struct pct_filter *f,
                            unsigned int kflags);
 int pct_addr_len(unsigned char family);
+void pct_put_tuple(struct nlmsghdr *nlh, unsigned int type, const struct pct_entry *e);
 
 /* pct_dump.c */
 int pct_next_msg(struct pct_handle *h, const struct nlmsghdr **out);

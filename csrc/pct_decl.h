@@ -122,6 +122,10 @@ int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int 
                     unsigned int kflags, int dry_run, int use_zone_attr,
                     struct pct_delete_result *res);
 
+/* Delete exactly these entries (by original tuple, zone and id). */
+int pct_delete_entries(struct pct_handle *h, const struct pct_entry *entries, int n,
+                       int use_zone_attr, struct pct_delete_result *res);
+
 /* One flush message: only zone (+ family with version 1, + mark). */
 int pct_flush(struct pct_handle *h, const struct pct_filter *f);
 

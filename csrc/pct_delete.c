@@ -115,6 +115,14 @@ int pct_request(struct pct_handle *h, struct nlmsghdr *nlh)
     return acks.ok ? 0 : (acks.enoent ? -ENOENT : -acks.first_errno);
 }
 
+static void fill_result(struct pct_delete_result *res, const struct pct_ack_counts *acks)
+{
+    res->deleted = acks->ok;
+    res->already_gone = acks->enoent;
+    res->failed = acks->failed;
+    res->first_errno = acks->first_errno;
+}
+
 /* ---- the walk ------------------------------------------------------------ */
 
 /* The fields every filter agrees on can be filtered by the kernel. */
@@ -147,6 +155,7 @@ static int any_match(const struct pct_filter *fs, int n, const struct pct_entry 
     return 0;
 }
 
+/* orig: the raw tuple attribute from the dump, or NULL to rebuild it */
 static int queue_delete(struct pct_handle *h, const struct pct_entry *e,
                         const struct nlattr *orig, int use_zone_attr,
                         struct pct_ack_counts *acks)
@@ -155,12 +164,15 @@ static int queue_delete(struct pct_handle *h, const struct pct_entry *e,
     char *slot;
     int err;
 
-    slot = pct_batch_slot(h, NLMSG_HDRLEN + 64 + orig->nla_len, acks, &err);
+    slot = pct_batch_slot(h, NLMSG_HDRLEN + 256 + (orig ? orig->nla_len : 0), acks, &err);
     if (!slot)
         return err;
     nlh = pct_put_request(slot, IPCTNL_MSG_CT_DELETE, NLM_F_ACK, e->family, 0, ++h->seq);
-    mnl_attr_put(nlh, orig->nla_type, mnl_attr_get_payload_len(orig),
-                 mnl_attr_get_payload(orig));
+    if (orig)
+        mnl_attr_put(nlh, orig->nla_type, mnl_attr_get_payload_len(orig),
+                     mnl_attr_get_payload(orig));
+    else
+        pct_put_tuple(nlh, CTA_TUPLE_ORIG, e);
     /* zone: look the tuple up in the entry's zone; id: never hit a newer
      * connection that reuses the tuple */
     if (use_zone_attr)
@@ -210,10 +222,29 @@ int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int 
         err = pct_batch_flush(h, &acks);
     else
         pct_batch_flush(h, &acks);
-    res->deleted = acks.ok;
-    res->already_gone = acks.enoent;
-    res->failed = acks.failed;
-    res->first_errno = acks.first_errno;
+    fill_result(res, &acks);
+    return err;
+}
+
+int pct_delete_entries(struct pct_handle *h, const struct pct_entry *entries, int n,
+                       int use_zone_attr, struct pct_delete_result *res)
+{
+    struct pct_ack_counts acks = {0};
+    int i, err = 0;
+
+    memset(res, 0, sizeof(*res));
+    for (i = 0; i < n && !err; i++) {
+        if (entries[i].family != AF_INET && entries[i].family != AF_INET6)
+            err = -EAFNOSUPPORT;
+        else
+            err = queue_delete(h, &entries[i], NULL, use_zone_attr, &acks);
+    }
+    if (!err)
+        err = pct_batch_flush(h, &acks);
+    else
+        pct_batch_flush(h, &acks);
+    res->matched = n;
+    fill_result(res, &acks);
     return err;
 }
 

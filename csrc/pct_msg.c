@@ -193,6 +193,32 @@ int pct_parse_entry(const struct nlmsghdr *nlh, struct pct_entry *e,
     return have_orig ? 0 : -EBADMSG;
 }
 
+/* The original tuple of an entry, rebuilt from its parsed fields. */
+void pct_put_tuple(struct nlmsghdr *nlh, unsigned int type, const struct pct_entry *e)
+{
+    struct nlattr *tuple, *nest;
+    int v6 = e->family == AF_INET6, alen = pct_addr_len(e->family);
+
+    tuple = mnl_attr_nest_start(nlh, type);
+    nest = mnl_attr_nest_start(nlh, CTA_TUPLE_IP);
+    mnl_attr_put(nlh, v6 ? CTA_IP_V6_SRC : CTA_IP_V4_SRC, alen, e->orig_src);
+    mnl_attr_put(nlh, v6 ? CTA_IP_V6_DST : CTA_IP_V4_DST, alen, e->orig_dst);
+    mnl_attr_nest_end(nlh, nest);
+    nest = mnl_attr_nest_start(nlh, CTA_TUPLE_PROTO);
+    mnl_attr_put_u8(nlh, CTA_PROTO_NUM, e->proto);
+    if (e->proto == IPPROTO_ICMP || e->proto == IPPROTO_ICMPV6) {
+        int icmp4 = e->proto == IPPROTO_ICMP;
+        mnl_attr_put_u16(nlh, icmp4 ? CTA_PROTO_ICMP_ID : CTA_PROTO_ICMPV6_ID, htons(e->icmp_id));
+        mnl_attr_put_u8(nlh, icmp4 ? CTA_PROTO_ICMP_TYPE : CTA_PROTO_ICMPV6_TYPE, e->icmp_type);
+        mnl_attr_put_u8(nlh, icmp4 ? CTA_PROTO_ICMP_CODE : CTA_PROTO_ICMPV6_CODE, e->icmp_code);
+    } else if (e->has_ports) {
+        mnl_attr_put_u16(nlh, CTA_PROTO_SRC_PORT, htons(e->orig_sport));
+        mnl_attr_put_u16(nlh, CTA_PROTO_DST_PORT, htons(e->orig_dport));
+    }
+    mnl_attr_nest_end(nlh, nest);
+    mnl_attr_nest_end(nlh, tuple);
+}
+
 /* ---- kernel-side dump filters ---------------------------------------- */
 
 static int full_prefix(const struct pct_prefix *p, unsigned char family)

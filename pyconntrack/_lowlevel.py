@@ -226,3 +226,33 @@ def sizes() -> List[int]:
     """sizeof every struct the shim shares (layout smoke test)."""
     return [ffi.sizeof(t) for t in ("struct pct_filter", "struct pct_entry", "struct pct_caps",
                                     "struct pct_delete_result", "struct pct_create_spec")]
+
+
+def _put_addr(dst, text) -> None:
+    packed = text.packed
+    ffi.memmove(dst, packed, len(packed))
+
+
+def delete_entries(h: Handle, entries: Sequence[Entry], use_zone_attr: bool) -> dict:
+    """Delete exactly these entries: tuple + zone + id, so a newer connection
+    that reuses a tuple survives (ENOENT counts as already gone)."""
+    arr = ffi.new("struct pct_entry[]", max(len(entries), 1))
+    for i, e in enumerate(entries):
+        c = arr[i]
+        c.family = _AF[4 if e.family == "ipv4" else 6]
+        c.proto = e.proto
+        c.zone = e.zone
+        c.id = e.id
+        _put_addr(c.orig_src, e.src)
+        _put_addr(c.orig_dst, e.dst)
+        if e.sport is not None:
+            c.has_ports = 1
+            c.orig_sport = e.sport
+            c.orig_dport = e.dport
+        if e.icmp_type is not None:
+            c.icmp_type, c.icmp_code, c.icmp_id = e.icmp_type, e.icmp_code, e.icmp_id
+    res = ffi.new("struct pct_delete_result *")
+    rc = lib.pct_delete_entries(h.raw, arr, len(entries), int(use_zone_attr), res)
+    check(rc, "pct_delete_entries", h.netns)
+    return {"matched": res.matched, "deleted": res.deleted, "already_gone": res.already_gone,
+            "failed": res.failed, "errno": res.first_errno, "walks": 0}

@@ -1,6 +1,7 @@
 """Conntrack: the public entry point. filter -> plan -> walk or flush -> result."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -29,7 +30,25 @@ def probe_capabilities(refresh: bool = False) -> Capabilities:
             caps = ll.probe()
             _probe_cache.clear()
             _probe_cache[key] = Capabilities(**{**caps.to_dict(), "kernel": os.uname().release})
-        return _probe_cache[key]
+        caps = _probe_cache[key]
+    return _apply_disabled(caps, os.environ.get(DISABLE_ENV, ""))
+
+
+DISABLE_ENV = "PYCONNTRACK_DISABLE"
+
+
+def _apply_disabled(caps: Capabilities, spec: str) -> Capabilities:
+    """PYCONNTRACK_DISABLE=dump_zone,flush_zone,... turns proven features off
+    (an operator distrusting a kernel, or tests forcing the fallback paths)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        return caps
+    known = {k for k, v in caps.to_dict().items() if isinstance(v, bool) and k != "probed"}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise InvalidFilter(f"{DISABLE_ENV}: unknown capability {', '.join(unknown)} "
+                            f"(known: {', '.join(sorted(known))})")
+    return dataclasses.replace(caps, **{n: False for n in names})
 
 
 def resolve_netns(netns: Optional[str]) -> Optional[str]:
@@ -158,6 +177,20 @@ class Conntrack:
         plan = plan_delete_many(fs, self.capabilities())
         return self._execute(plan, fs, dry_run)
 
+    def delete_entries(self, entries: Iterable[Entry]) -> DeleteResult:
+        """Delete exactly these entries (from dump()): by tuple, zone and id,
+        so a newer connection reusing a tuple is never hit. No walk."""
+        es = list(entries)
+        for e in es:
+            if not isinstance(e, Entry):
+                raise InvalidFilter(f"delete_entries takes Entry objects, not {type(e).__name__}")
+        caps = self.capabilities()
+        start = time.perf_counter()
+        with self._lock:
+            r = ll.delete_entries(self._h(), es, caps.zones or not caps.probed)
+        return DeleteResult(r["matched"], r["deleted"], r["already_gone"], r["failed"],
+                            r["errno"], "entries", 0, time.perf_counter() - start, "given entries")
+
     def _execute(self, plan: Plan, filters: Sequence[Filter], dry_run: bool) -> DeleteResult:
         start = time.perf_counter()
         with self._lock:
@@ -210,7 +243,7 @@ class Conntrack:
                 dport=dport, count=count, mark=mark, timeout=timeout, reply_src=reply_src,
                 reply_dst=reply_dst, use_zone=caps.zones or not caps.probed)
         if failed:
-            err = ll.from_errno(-first, "pct_create", self.netns) if first else None
-            raise ConntrackError(f"{failed} of {count} creates failed"
-                                 f"{': ' + str(err) if err else ''}", first, "pct_create")
+            reason = f": {os.strerror(first)}" if first else ""
+            raise ConntrackError(f"{failed} of {count} creates failed{reason}", first,
+                                 "pct_create")
         return created

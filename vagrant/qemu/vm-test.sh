@@ -30,7 +30,11 @@ MIRROR=${VM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 PKG_FILE=$SCRIPT_DIR/guest-packages.txt
 # Bump when the way the rootfs is built changes (it is part of the cache key).
-ROOTFS_FORMAT=1
+ROOTFS_FORMAT=2
+# The rootfs is a GPT image whose partition has this fixed PARTUUID: the kernel
+# needs no initramfs for root=PARTUUID=, while /dev/nvme0nN names are not stable
+# (6.12 scans namespaces asynchronously). The other disks are mounted by label.
+ROOT_PARTUUID=8d1e3c2a-1f39-4c6b-9c59-7063746b7673
 
 log() { printf '[vm-test %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
@@ -51,7 +55,7 @@ export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 ensure_host_packages() {
     local missing=() want
     declare -A bin=( [qemu-system-x86]=qemu-system-x86_64 [debootstrap]=debootstrap
-                     [e2fsprogs]=mkfs.ext4 [kmod]=depmod [util-linux]=flock )
+                     [e2fsprogs]=mkfs.ext4 [kmod]=depmod [util-linux]=flock [fdisk]=sfdisk )
     for want in "${!bin[@]}"; do
         command -v "${bin[$want]}" >/dev/null 2>&1 || missing+=("$want")
     done
@@ -175,8 +179,8 @@ PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-i=0; while [ ! -b /dev/nvme0n3 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-if mount -t ext4 /dev/nvme0n3 /mnt/run && [ -x /mnt/run/vmtest/init.sh ]; then
+i=0; while ! findfs LABEL=pctrun >/dev/null 2>&1 && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+if mount -t ext4 LABEL=pctrun /mnt/run && [ -x /mnt/run/vmtest/init.sh ]; then
     exec /mnt/run/vmtest/init.sh
 fi
 echo "pct-init: cannot mount the run disk"; echo VMTEST-RC=125
@@ -187,7 +191,7 @@ ensure_rootfs() {
     local key
     key=$( { echo "format=$ROOTFS_FORMAT suite=$SUITE mirror=$MIRROR"; guest_packages; echo "$STUB_INIT"; } \
            | sha256sum | cut -c1-16)
-    ROOTFS=$CACHE/rootfs-$SUITE-$key.ext4
+    ROOTFS=$CACHE/rootfs-$SUITE-$key.img
     [ -f "$ROOTFS" ] && return 0
 
     local stale; for stale in "$CACHE"/tmp.rootfs.*; do   # left by an interrupted build
@@ -211,6 +215,7 @@ ensure_rootfs() {
     local rc=0
     # shellcheck disable=SC2046
     { chroot "$dir" apt-get update -q &&
+      chroot "$dir" apt-get dist-upgrade -y -q --no-install-recommends &&
       chroot "$dir" apt-get install -y -q --no-install-recommends $(guest_packages) &&
       chroot "$dir" apt-get clean; } >&2 || rc=$?
     umount "$dir/proc"
@@ -227,10 +232,13 @@ ensure_rootfs() {
     echo pct-vm > "$dir/etc/hostname"
     printf '127.0.0.1 localhost pct-vm\n::1 localhost ip6-localhost\n' > "$dir/etc/hosts"
     rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/* "$dir/debootstrap"
-    local mb; mb=$(du -sm "$dir" | cut -f1)
-    mkfs.ext4 -q -F -L pctroot -d "$dir" "$tmp/rootfs.ext4" "$((mb + 512))M"
-    rm -f "$CACHE"/rootfs-*.ext4   # drop stale images
-    mv "$tmp/rootfs.ext4" "$ROOTFS"; rm -rf "$tmp"
+    local mb img=$tmp/rootfs.img; mb=$(( $(du -sm "$dir" | cut -f1) + 512 ))
+    truncate -s "$((mb + 2))M" "$img"   # 1 MiB GPT + ext4 partition + 1 MiB backup GPT
+    printf 'label: gpt\nstart=2048, size=%d, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, uuid=%s, name=pctroot\n' \
+        "$((mb * 2048))" "$ROOT_PARTUUID" | sfdisk -q "$img"
+    mkfs.ext4 -q -F -L pctroot -E offset=1048576 -d "$dir" "$img" "${mb}M"
+    rm -f "$CACHE"/rootfs-*.img "$CACHE"/rootfs-*.ext4   # drop stale images
+    mv "$img" "$ROOTFS"; rm -rf "$tmp"
     log "rootfs ready in $((SECONDS - t0)) s ($(du -sm "$ROOTFS" | cut -f1) MB used)"
 }
 
@@ -259,7 +267,7 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || true
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null || true
-mount -o ro /dev/nvme0n2 /usr/lib/modules
+mount -o ro LABEL=pctmods /usr/lib/modules
 mount --bind /mnt/run/project /project
 [ -d /mnt/run/extra ] && mount --bind /mnt/run/extra /extra
 trap - ERR
@@ -344,7 +352,7 @@ timeout -k 10 "$VM_TIMEOUT" qemu-system-x86_64 \
     -M q35 -accel tcg -m "${VM_MEM:-2048}" -smp "${VM_SMP:-2}" \
     -display none -monitor none -serial stdio -nic none -no-reboot -snapshot \
     -kernel "$KDIR/vmlinuz" \
-    -append "console=ttyS0 root=/dev/nvme0n1 rootfstype=ext4 rw init=/sbin/pct-init panic=-1 quiet mitigations=off" \
+    -append "console=ttyS0 root=PARTUUID=$ROOT_PARTUUID rootwait rootfstype=ext4 rw init=/sbin/pct-init panic=-1 quiet mitigations=off" \
     -device nvme,id=nvme0,serial=pctvm \
     -drive file="$ROOTFS",if=none,id=root,format=raw \
     -device nvme-ns,drive=root,bus=nvme0,nsid=1 \

@@ -1,0 +1,54 @@
+# pyconntrack — `make help` lists the targets. Everything runs as root on
+# Debian 12; every target installs what it needs first (idempotent).
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON      ?= python3
+VENV        := .venv
+VPY         := $(VENV)/bin/python
+DEB_PACKAGES := libnetfilter-conntrack-dev libmnl-dev libbpf-dev clang llvm bpftool \
+                conntrack nftables iproute2 pkg-config gcc make python3-venv python3-dev \
+                util-linux libcap2-bin
+PYTEST_ARGS ?=
+KERNEL      ?= 6.12
+
+help: ## this list
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+deps: ## install missing Debian packages (needs root)
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q cffi "setuptools>=64" wheel pytest hypothesis pyroute2
+	touch $@
+
+venv: deps $(VENV)/.stamp ## Python virtualenv with the test tools
+
+build: venv ## build the cffi shim in place
+	$(VPY) -m pip install -q --no-build-isolation -e .
+
+test: build ## run the whole suite (kernel tests need root; scratch netns only)
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+demo: build ## fill a scratch netns and clean zones every way (the main job)
+	$(VENV)/bin/pyconntrack demo
+
+vm-test: build ## run the kernel suite in qemu: make vm-test KERNEL=6.1|6.12
+	bash vagrant/qemu/vm-test.sh $(KERNEL)
+
+vagrant-test: ## run make test in the Vagrant boxes (needs vagrant + libvirt/virtualbox)
+	cd vagrant && vagrant up --provision
+
+clean: ## remove build products
+	rm -rf build dist *.egg-info pyconntrack/_pct.c pyconntrack/*.so csrc/*.o pyconntrack/*.o
+
+.PHONY: help deps venv build test demo vm-test vagrant-test clean

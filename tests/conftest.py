@@ -1,0 +1,52 @@
+"""Fixtures: every kernel test runs in a scratch netns it creates and removes.
+
+Kernel tests are marked ``kernel``. Without root or conntrack they skip, unless
+PYCONNTRACK_REQUIRE_KERNEL=1 (CI), where a missing capability fails loudly.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+REQUIRE_KERNEL = os.environ.get("PYCONNTRACK_REQUIRE_KERNEL") == "1"
+
+
+def _kernel_unavailable() -> str:
+    if os.geteuid() != 0:
+        return "not root"
+    if not os.path.exists("/proc/sys/net/netfilter/nf_conntrack_max") and not os.path.exists(
+            "/proc/net/nf_conntrack"):
+        if subprocess.run(["modprobe", "nf_conntrack_netlink"], capture_output=True).returncode:
+            return "no conntrack in this kernel"
+    if not shutil.which("ip"):
+        return "iproute2 (ip) missing"
+    return ""
+
+
+_REASON = _kernel_unavailable()
+
+
+@pytest.fixture(autouse=True)
+def _kernel_gate(request):
+    """Skip kernel tests where they cannot run, or fail them in CI."""
+    if _REASON and request.node.get_closest_marker("kernel"):
+        if REQUIRE_KERNEL:
+            pytest.fail(f"PYCONNTRACK_REQUIRE_KERNEL=1 but kernel tests cannot run: {_REASON}")
+        pytest.skip(f"kernel tests need: {_REASON}")
+
+
+@pytest.fixture
+def netns():
+    from pyconntrack import netns as scratch
+    with scratch.scratch("pct-test") as name:
+        yield name
+
+
+@pytest.fixture
+def ct(netns):
+    from pyconntrack import Conntrack
+    with Conntrack(netns) as c:
+        yield c
