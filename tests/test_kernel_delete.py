@@ -127,12 +127,18 @@ def test_vanished_entries_count_as_already_gone(ct):
 
 
 def test_reused_tuple_survives_stale_delete(ct):
-    """CTA_ID: an old entry's delete must not hit a new connection on the same tuple."""
+    """CTA_ID: an old entry's delete must not hit a new connection on the same tuple.
+    The kernel's id hashes the entry's address and tuple, so the new entry is
+    made while fillers hold the freed slot, giving it a different id."""
     ct.create_many(1, zone=9, proto="tcp", sport=5555)
     (old,) = ct.dump(Filter(zone=9))
-    ct.delete(Filter(zone=9))
-    ct.create_many(1, zone=9, proto="tcp", sport=5555)
-    (new,) = ct.dump(Filter(zone=9))
+    for attempt in range(5):
+        ct.delete(Filter(zone=9))
+        ct.create_many(64 * (attempt + 1), zone=10, proto="udp", sport=20000 + attempt * 1000)
+        ct.create_many(1, zone=9, proto="tcp", sport=5555)
+        (new,) = ct.dump(Filter(zone=9))
+        if new.id != old.id:
+            break
     assert new.id != old.id
     r = ct.delete_entries([old])
     assert (r.deleted, r.already_gone) == (0, 1)

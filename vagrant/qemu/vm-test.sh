@@ -100,7 +100,7 @@ newest_kernel_pkg() {
     if [ "$KERNEL" = 6.1 ]; then
         meta=linux-image-cloud-amd64; re='^linux-image-6\.1\.0-[0-9]+-cloud-amd64$'
     else
-        meta=linux-image-6.12-cloud-amd64; re='^linux-image-6\.12\.[0-9]+\+(deb12|bpo)-cloud-amd64$'
+        meta=linux-image-6.12-cloud-amd64; re='^linux-image-6\.12\.[0-9]+\+(deb12(\.[0-9]+)?|bpo)-cloud-amd64$'
     fi
     # the meta package points at the current ABI; fall back to a name search
     $cache_cmd depends "$meta" 2>/dev/null | awk '/Depends: linux-image-/{print $2}' \
@@ -162,8 +162,8 @@ ensure_kernel() {
     touch "$tmp/out/ok"
     rm -rf "$KDIR"; mkdir -p "$(dirname "$KDIR")"
     mv "$tmp/out" "$KDIR"; rm -rf "$tmp"
-    # keep only the newest kernel of the series
-    local d; for d in "$CACHE/kernels/$KERNEL"/*/; do
+    # keep only the newest kernel of the series (unless one was pinned)
+    local d; [ -n "${VM_KERNEL_PKG:-}" ] || for d in "$CACHE/kernels/$KERNEL"/*/; do
         [ "${d%/}" = "$KDIR" ] || rm -rf "$d"
     done
     log "kernel $kver ready in $((SECONDS - t0)) s"
