@@ -34,6 +34,7 @@ struct pct_handle {
     size_t slen;
     unsigned int batch_first_seq;
     int batch_count;
+    int batch_acked;   /* requests in the batch that asked for an ack */
     char *abuf;
 };
 

@@ -97,14 +97,14 @@ long long pct_create(struct pct_handle *h, const struct pct_create_spec *spec,
     ct = nfct_new();
     if (!ct)
         return -ENOMEM;
-    for (i = 0; i < spec->count; i++) {
+    for (i = spec->first; i - spec->first < spec->count; i++) {
         struct nlmsghdr *nlh;
         char *slot = pct_batch_slot(h, 512, &acks, &err);
 
         if (!slot)
             break;
         nlh = pct_put_request(slot, IPCTNL_MSG_CT_NEW,
-                              NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+                              NLM_F_CREATE | NLM_F_EXCL,
                               spec->family, 0, ++h->seq);
         set_entry(ct, spec, i);
         if (nfct_nlmsg_build(nlh, ct) < 0) {

@@ -94,6 +94,7 @@ struct pct_create_spec {
     unsigned short sport_base, dport;
     unsigned int mark;
     unsigned int timeout;
+    unsigned int first;      /* index of the first entry (to split work) */
     unsigned int count;
     int use_zone;            /* 0: send no CTA_ZONE (kernel without zones) */
 };

@@ -45,30 +45,37 @@ static void count_ack(struct pct_ack_counts *acks, int error)
     }
 }
 
-/* Send the pending requests in one sendmsg and collect one ack per request:
- * the kernel handles them in order inside the sendmsg, so all acks are
- * queued by the time it returns. */
+/* Send the pending requests in one sendmsg. The kernel handles them in order
+ * inside the sendmsg and queues an error message for each one that failed
+ * before sendmsg returns, so success needs no ack: requests without
+ * NLM_F_ACK that produced no error succeeded. Those with NLM_F_ACK (single
+ * requests) are also answered on success. */
 int pct_batch_flush(struct pct_handle *h, struct pct_ack_counts *acks)
 {
     int pending = h->batch_count, fd = mnl_socket_get_fd(h->cmd_nl);
+    int acked = h->batch_acked, answered = 0, errors = 0;
     unsigned int first = h->batch_first_seq;
 
     if (!pending)
         return 0;
     h->batch_count = 0;
+    h->batch_acked = 0;
     if (mnl_socket_sendto(h->cmd_nl, h->sbuf, h->slen) < 0) {
         h->slen = 0;
         return -errno;
     }
     h->slen = 0;
-    while (pending > 0) {
+    for (;;) {
         const struct nlmsghdr *nlh;
-        ssize_t n = recv(fd, h->abuf, PCT_RBUF_SIZE, 0);
+        /* block only while an explicitly requested ack is still missing */
+        ssize_t n = recv(fd, h->abuf, PCT_RBUF_SIZE, answered < acked ? 0 : MSG_DONTWAIT);
         int left;
 
         if (n < 0) {
             if (errno == EINTR)
                 continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
             return -errno;   /* ENOBUFS: outcomes unknown, fail loudly */
         }
         left = (int)n;
@@ -81,10 +88,14 @@ int pct_batch_flush(struct pct_handle *h, struct pct_ack_counts *acks)
             if (nlh->nlmsg_seq - first >= (unsigned int)PCT_BATCH_MAX)
                 continue;   /* not from this batch */
             e = mnl_nlmsg_get_payload(nlh);
-            count_ack(acks, e->error);
-            pending--;
+            answered++;
+            if (e->error) {
+                errors++;
+                count_ack(acks, e->error);
+            }
         }
     }
+    acks->ok += (unsigned long long)(pending - errors);
     return 0;
 }
 
@@ -109,6 +120,7 @@ int pct_request(struct pct_handle *h, struct nlmsghdr *nlh)
     h->batch_first_seq = nlh->nlmsg_seq;
     memcpy(slot, nlh, nlh->nlmsg_len);
     pct_batch_commit(h, nlh);
+    h->batch_acked++;
     err = pct_batch_flush(h, &acks);
     if (err)
         return err;
@@ -167,7 +179,7 @@ static int queue_delete(struct pct_handle *h, const struct pct_entry *e,
     slot = pct_batch_slot(h, NLMSG_HDRLEN + 256 + (orig ? orig->nla_len : 0), acks, &err);
     if (!slot)
         return err;
-    nlh = pct_put_request(slot, IPCTNL_MSG_CT_DELETE, NLM_F_ACK, e->family, 0, ++h->seq);
+    nlh = pct_put_request(slot, IPCTNL_MSG_CT_DELETE, 0, e->family, 0, ++h->seq);
     if (orig)
         mnl_attr_put(nlh, orig->nla_type, mnl_attr_get_payload_len(orig),
                      mnl_attr_get_payload(orig));

@@ -166,7 +166,8 @@ def table_count(h: Handle) -> int:
 
 def create(h: Handle, *, family: int, proto: int, zone: int, src: str, dst: str,
            sport_base: int, dport: int, count: int, mark: int, timeout: int,
-           reply_src: Optional[str], reply_dst: Optional[str], use_zone: bool) -> tuple:
+           reply_src: Optional[str], reply_dst: Optional[str], use_zone: bool,
+           first: int = 0) -> tuple:
     spec = ffi.new("struct pct_create_spec *")
     spec.family = _AF[family]
     spec.proto = proto
@@ -180,6 +181,7 @@ def create(h: Handle, *, family: int, proto: int, zone: int, src: str, dst: str,
     spec.dport = dport
     spec.mark = mark
     spec.timeout = timeout
+    spec.first = first
     spec.count = count
     spec.use_zone = int(use_zone)
     failed = ffi.new("unsigned long long *")
