@@ -35,6 +35,11 @@ struct pct_handle {
     unsigned int batch_first_seq;
     int batch_count;
     int batch_acked;   /* requests in the batch that asked for an ack */
+    /* per-filter accounting of a multi-filter walk (NULL otherwise): each
+     * queued request remembers the filter it was made for */
+    struct pct_delete_result *owners;
+    int owner;
+    int batch_owner[PCT_BATCH_MAX];
     char *abuf;
 };
 

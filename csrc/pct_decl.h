@@ -117,11 +117,12 @@ void pct_dump_abort(struct pct_handle *h);
 long long pct_count(struct pct_handle *h, const struct pct_filter *f, unsigned int kflags);
 
 /* One walk matching any of n filters, deleting matches in batches.
- * kflags describes which kernel-side filters are safe (used only when
- * n == 1). dry_run: count matches, delete nothing. */
+ * kflags describes which kernel-side filters are safe. dry_run: count
+ * matches, delete nothing. per_filter (n results, or NULL) gets each
+ * filter's share: an entry counts for the first filter it matches. */
 int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int n,
                     unsigned int kflags, int dry_run, int use_zone_attr,
-                    struct pct_delete_result *res);
+                    struct pct_delete_result *res, struct pct_delete_result *per_filter);
 
 /* Delete exactly these entries (by original tuple, zone and id). */
 int pct_delete_entries(struct pct_handle *h, const struct pct_entry *entries, int n,

@@ -29,7 +29,33 @@ char *pct_batch_slot(struct pct_handle *h, size_t need,
 void pct_batch_commit(struct pct_handle *h, const struct nlmsghdr *nlh)
 {
     h->slen += NLMSG_ALIGN(nlh->nlmsg_len);
+    h->batch_owner[h->batch_count] = h->owner;
+    if (h->owners && h->owner >= 0)
+        h->owners[h->owner].deleted++;   /* until an error says otherwise */
     h->batch_count++;
+}
+
+/* An error came back for request idx of the batch: move it from the
+ * owner's deleted count to the right bucket. */
+static void owner_error(struct pct_handle *h, unsigned int idx, int error)
+{
+    struct pct_delete_result *r;
+    int owner;
+
+    if (!h->owners || idx >= PCT_BATCH_MAX)
+        return;
+    owner = h->batch_owner[idx];
+    if (owner < 0)
+        return;
+    r = &h->owners[owner];
+    r->deleted--;
+    if (error == -ENOENT) {
+        r->already_gone++;
+    } else {
+        r->failed++;
+        if (!r->first_errno)
+            r->first_errno = -error;
+    }
 }
 
 static void count_ack(struct pct_ack_counts *acks, int error)
@@ -92,6 +118,7 @@ int pct_batch_flush(struct pct_handle *h, struct pct_ack_counts *acks)
             if (e->error) {
                 errors++;
                 count_ack(acks, e->error);
+                owner_error(h, nlh->nlmsg_seq - first, e->error);
             }
         }
     }
@@ -157,14 +184,15 @@ static void common_filter(const struct pct_filter *fs, int n, struct pct_filter 
     }
 }
 
-static int any_match(const struct pct_filter *fs, int n, const struct pct_entry *e)
+/* index of the first filter matching e, or -1 */
+static int first_match(const struct pct_filter *fs, int n, const struct pct_entry *e)
 {
     int i;
 
     for (i = 0; i < n; i++)
         if (pct_match(&fs[i], e))
-            return 1;
-    return 0;
+            return i;
+    return -1;
 }
 
 /* orig: the raw tuple attribute from the dump, or NULL to rebuild it */
@@ -196,7 +224,7 @@ static int queue_delete(struct pct_handle *h, const struct pct_entry *e,
 
 int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int n,
                     unsigned int kflags, int dry_run, int use_zone_attr,
-                    struct pct_delete_result *res)
+                    struct pct_delete_result *res, struct pct_delete_result *per_filter)
 {
     struct pct_ack_counts acks = {0};
     const struct nlmsghdr *nlh;
@@ -211,17 +239,28 @@ int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int 
     common_filter(filters, n, &common);
     if (n > 1)
         kflags &= ~(PCT_K_TUPLE_V4 | PCT_K_TUPLE_V6);
+    if (per_filter)
+        memset(per_filter, 0, sizeof(*per_filter) * n);
     rc = pct_dump_start(h, &common, kflags);
     if (rc < 0)
         return rc;
     res->walks = 1;
+    h->owners = per_filter;
     while ((rc = pct_next_msg(h, &nlh)) > 0) {
+        int which;
+
         res->dumped++;
-        if (pct_parse_entry(nlh, &e, &orig) < 0 || !any_match(filters, n, &e))
+        if (pct_parse_entry(nlh, &e, &orig) < 0)
+            continue;
+        which = first_match(filters, n, &e);
+        if (which < 0)
             continue;
         res->matched++;
+        if (per_filter)
+            per_filter[which].matched++;
         if (dry_run)
             continue;
+        h->owner = which;
         err = queue_delete(h, &e, orig, use_zone_attr, &acks);
         if (err)
             break;
@@ -234,6 +273,8 @@ int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int 
         err = pct_batch_flush(h, &acks);
     else
         pct_batch_flush(h, &acks);
+    h->owners = NULL;
+    h->owner = -1;
     fill_result(res, &acks);
     return err;
 }

@@ -106,6 +106,7 @@ int pct_open(const char *netns_path, struct pct_handle **out)
     if (err)
         goto fail;
     h->seq = (unsigned int)getpid() << 8;
+    h->owner = -1;
     *out = h;
     return 0;
 fail:

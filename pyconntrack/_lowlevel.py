@@ -148,12 +148,19 @@ def delete_walk(h: Handle, filters: Sequence[Filter], kflags: int, dry_run: bool
     for i, f in enumerate(filters):
         to_c_filter(f, cfs[i])
     res = ffi.new("struct pct_delete_result *")
+    per = ffi.new("struct pct_delete_result[]", len(filters))
     rc = lib.pct_delete_walk(h.raw, cfs, len(filters), kflags, int(dry_run),
-                             int(use_zone_attr), res)
+                             int(use_zone_attr), res, per)
     check(rc, "pct_delete_walk", h.netns)
+    out = _result_dict(res)
+    out["dumped"] = res.dumped
+    out["per_filter"] = [_result_dict(per[i]) for i in range(len(filters))]
+    return out
+
+
+def _result_dict(res) -> dict:
     return {"matched": res.matched, "deleted": res.deleted, "already_gone": res.already_gone,
-            "failed": res.failed, "errno": res.first_errno, "walks": res.walks,
-            "dumped": res.dumped}
+            "failed": res.failed, "errno": res.first_errno, "walks": res.walks}
 
 
 def flush(h: Handle, f: Filter) -> None:

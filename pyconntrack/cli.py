@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 some deletes failed, 2 invalid input (nothing touched),
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import List, Optional
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     _filter_args(p)
     p.add_argument("--count", default="1", help="number of entries (sport counts up)")
     p.add_argument("--timeout", default="3600", help="seconds")
+
+    for name, module in PLUGINS.items():
+        importlib.import_module(module).add_parser(sub, name)
 
     p = sub.add_parser("demo", help="fill a scratch netns and clean zones every way")
     p.add_argument("--entries", type=int, default=200_000)
@@ -179,6 +183,10 @@ def _cmd_demo(a) -> int:
     return EXIT_OK
 
 
+# Subcommands living in their own modules: each has add_parser(sub, name)
+# and run(args) -> exit code.
+PLUGINS = {"bench": "pyconntrack.bench", "index": "pyconntrack.index_cli"}
+
 COMMANDS = {"probe": _cmd_probe, "list": _cmd_list, "count": _cmd_count,
             "delete": _cmd_delete, "create": _cmd_create, "demo": _cmd_demo}
 
@@ -186,6 +194,8 @@ COMMANDS = {"probe": _cmd_probe, "list": _cmd_list, "count": _cmd_count,
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in PLUGINS:
+            return importlib.import_module(PLUGINS[args.command]).run(args)
         return COMMANDS[args.command](args)
     except InvalidFilter as exc:
         code, text = EXIT_INVALID, f"invalid input: {exc}"

@@ -177,6 +177,23 @@ class Conntrack:
         plan = plan_delete_many(fs, self.capabilities())
         return self._execute(plan, fs, dry_run)
 
+    def delete_each(self, filters: Sequence[Filter], dry_run: bool = False,
+                    allow_default_zone: bool = False) -> list:
+        """Like delete_many (one walk), but one DeleteResult per filter: an
+        entry matching several filters counts for the first of them. Each
+        result carries the shared walk's walks and elapsed_s."""
+        fs = [_as_filter(f) for f in filters]
+        for f in fs:
+            _check_default_zone(f, allow_default_zone)
+        plan = plan_delete_many(fs, self.capabilities())
+        start = time.perf_counter()
+        with self._lock:
+            r = ll.delete_walk(self._h(), fs, plan.kflags, dry_run, plan.use_zone_attr)
+        elapsed = time.perf_counter() - start
+        return [DeleteResult(p["matched"], p["deleted"], p["already_gone"], p["failed"],
+                             p["errno"], plan.strategy, r["walks"], elapsed, plan.reason)
+                for p in r["per_filter"]]
+
     def delete_entries(self, entries: Iterable[Entry]) -> DeleteResult:
         """Delete exactly these entries (from dump()): by tuple, zone and id,
         so a newer connection reusing a tuple is never hit. No walk."""

@@ -169,3 +169,35 @@ def test_large_zone_batches(ct):
     r = ct.delete(Filter(zone=7), strategy="walk")
     assert (r.deleted, r.failed) == (30000, 0)
     assert ct.count(Filter(zone=8)) == 30000 and ct.table_count() == 30000
+
+
+def test_delete_each_attributes_entries_to_first_matching_filter(ct):
+    populate(ct)
+    filters = [Filter(zone=1, proto="tcp"), Filter(zone=1), Filter(zone=42),
+               Filter(zone=65535, family="ipv6")]
+    before = table(ct)
+    expected = []
+    claimed = set()
+    for f in filters:
+        mine = {k for k, e in before.items() if model_match(f, e)} - claimed
+        claimed |= mine
+        expected.append(len(mine))
+    results = ct.delete_each(filters)
+    assert [r.deleted for r in results] == expected
+    assert [r.matched for r in results] == expected
+    assert all(r.walks == 1 and r.failed == 0 for r in results)
+    assert set(table(ct)) == set(before) - claimed
+
+
+def test_delete_each_reports_already_gone_per_filter(netns):
+    with Conntrack(netns) as a, Conntrack(netns) as b:
+        a.create_many(20000, zone=4, proto="udp")
+        a.create_many(100, zone=5, proto="udp")
+        done = {}
+        t = threading.Thread(target=lambda: done.setdefault("b", b.delete(Filter(zone=4))))
+        t.start()
+        r4, r5 = a.delete_each([Filter(zone=4), Filter(zone=5)])
+        t.join()
+        assert r4.matched == r4.deleted + r4.already_gone and r4.failed == 0
+        assert (r5.matched, r5.deleted) == (100, 100)
+        assert a.count(Filter(zone=4)) == 0
