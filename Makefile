@@ -9,7 +9,7 @@ VENV        := .venv
 VPY         := $(VENV)/bin/python
 DEB_PACKAGES := libnetfilter-conntrack-dev libmnl-dev libbpf-dev clang llvm bpftool \
                 conntrack nftables iproute2 pkg-config gcc make python3-venv python3-dev \
-                util-linux libcap2-bin
+                util-linux libcap2-bin libelf-dev zlib1g-dev
 PYTEST_ARGS ?=
 KERNEL      ?= 6.12
 

@@ -70,6 +70,27 @@ static __always_inline __u64 cti_key(__u32 zone, __u64 slot)
 	return ((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK);
 }
 
+/* Reserve a slot, publish the record, then count the attempt done.
+ * Returns -1 when the record could not be stored: the zone is then marked
+ * dirty, so the index is never silently incomplete. */
+static __always_inline int cti_append(struct cti_zone *zm, __u32 zone,
+				      const struct cti_record *rec)
+{
+	__u64 slot, key;
+	int lost = 0;
+
+	slot = __sync_fetch_and_add(&zm->head, 1);
+	key = cti_key(zone, slot);
+	if (bpf_map_update_elem(&cti_records, &key, rec, BPF_NOEXIST)) {
+		__sync_fetch_and_add(&zm->failed, 1);
+		lost = -1;
+	} else {
+		__sync_fetch_and_add(&zm->added, 1);
+	}
+	__sync_fetch_and_add(&zm->done, 1);
+	return lost;
+}
+
 /* ------------------------------------------------------------------ */
 /* Netfilter program: record new entries                               */
 /* ------------------------------------------------------------------ */
@@ -84,7 +105,6 @@ int cti_record(struct bpf_nf_ctx *ctx)
 	struct nf_conn *ct;
 	unsigned long nfct, status;
 	__u32 zero = 0, zone = 0;
-	__u64 slot, key;
 	__u16 l3num = 0;
 	__u8 zdir = 0;
 	int err;
@@ -145,18 +165,10 @@ int cti_record(struct bpf_nf_ctx *ctx)
 	zm = bpf_map_lookup_elem(&cti_zones, &zone);
 	if (!zm)
 		return NF_ACCEPT;
-	/* reserve a slot, publish the record, then count the attempt done */
-	slot = __sync_fetch_and_add(&zm->head, 1);
-	key = cti_key(zone, slot);
-	if (bpf_map_update_elem(&cti_records, &key, &rec, BPF_NOEXIST)) {
-		/* never silently incomplete: the zone is marked dirty */
-		__sync_fetch_and_add(&zm->failed, 1);
+	if (cti_append(zm, zone, &rec))
 		st->failed++;
-	} else {
-		__sync_fetch_and_add(&zm->added, 1);
+	else
 		st->recorded++;
-	}
-	__sync_fetch_and_add(&zm->done, 1);
 	return NF_ACCEPT;
 }
 
@@ -202,13 +214,22 @@ static __always_inline int filter_match(const struct cti_record *r,
 		return 0;
 	if ((f->flags & CTI_F_PROTO) && r->proto != f->proto)
 		return 0;
-	if ((f->flags & CTI_F_SPORT) && r->sport != f->sport)
-		return 0;
-	if ((f->flags & CTI_F_DPORT) && r->dport != f->dport)
-		return 0;
+	if (f->flags & CTI_F_SPORT) {
+		__u16 p = bpf_ntohs(r->sport);
+		if (p < f->sport_lo || p > f->sport_hi)
+			return 0;
+	}
+	if (f->flags & CTI_F_DPORT) {
+		__u16 p = bpf_ntohs(r->dport);
+		if (p < f->dport_lo || p > f->dport_hi)
+			return 0;
+	}
 	if ((f->flags & CTI_F_SRC) && !addr_match(r->saddr, f->src, f->src_mask))
 		return 0;
 	if ((f->flags & CTI_F_DST) && !addr_match(r->daddr, f->dst, f->dst_mask))
+		return 0;
+	if ((f->flags & CTI_F_ADDR) && !addr_match(r->saddr, f->addr, f->addr_mask)
+	    && !addr_match(r->daddr, f->addr, f->addr_mask))
 		return 0;
 	return 1;
 }
@@ -361,7 +382,33 @@ int cti_reap(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	if (c.op == CTI_OP_CLEAR_DIRTY) {
-		a->failed = __sync_lock_test_and_set(&c.zm->failed, 0);
+		/* only if no record was lost since the caller's resync began */
+		a->failed = __sync_val_compare_and_swap(&c.zm->failed, a->end, 0);
+		a->status = 0;
+		return XDP_PASS;
+	}
+	if (c.op == CTI_OP_ADD) {
+		__u32 i, n = a->budget, lost = 0;
+
+		for (i = 0; i < CTI_ADD_MAX && i < n; i++) {
+			struct cti_record rec;
+
+			if (bpf_xdp_load_bytes(ctx, sizeof(*a) + i * sizeof(rec), &rec,
+					       sizeof(rec)))
+				break;
+			if (rec.zone != c.zone)
+				continue;
+			if (cti_append(c.zm, c.zone, &rec))
+				lost++;
+		}
+		/* ctx data may have moved: re-check before writing the reply */
+		data = (void *)(long)ctx->data;
+		data_end = (void *)(long)ctx->data_end;
+		a = data;
+		if ((void *)(a + 1) > data_end)
+			return XDP_ABORTED;
+		a->visited = i;
+		a->failed = lost;
 		a->status = 0;
 		return XDP_PASS;
 	}

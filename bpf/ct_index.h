@@ -26,7 +26,12 @@
 /* struct cti_reap_args.op */
 #define CTI_OP_REAP 1        /* expire matching TCP/UDP entries, prune dead */
 #define CTI_OP_PRUNE 2       /* only drop records whose entry is gone */
-#define CTI_OP_CLEAR_DIRTY 3 /* reset cti_zone.failed, old value in .failed */
+#define CTI_OP_CLEAR_DIRTY 3 /* reset cti_zone.failed if it still equals .end;
+                              old value in .failed */
+#define CTI_OP_ADD 4         /* append the .budget records that follow the args
+                              in the packet (entries found by a walk) */
+/* Records one CTI_OP_ADD run carries after struct cti_reap_args. */
+#define CTI_ADD_MAX 64
 
 /* struct cti_reap_args.flags */
 #define CTI_RF_NO_REAP_LOOKUP 1 /* experiment: skip the 2nd lookup that unlinks */
@@ -36,8 +41,9 @@
 #define CTI_F_PROTO 2
 #define CTI_F_SRC 4   /* (saddr & src_mask) == src */
 #define CTI_F_DST 8   /* (daddr & dst_mask) == dst */
-#define CTI_F_SPORT 16
+#define CTI_F_SPORT 16 /* sport_lo <= sport <= sport_hi */
 #define CTI_F_DPORT 32
+#define CTI_F_ADDR 64  /* src or dst inside addr/addr_mask */
 
 /* One recorded conntrack entry: its original-direction tuple. 48 bytes. */
 struct cti_record {
@@ -78,13 +84,17 @@ struct cti_filter {
 	unsigned int flags;        /* CTI_F_* */
 	unsigned char family;
 	unsigned char proto;
-	unsigned short sport;      /* network order */
-	unsigned short dport;      /* network order */
+	unsigned short sport_lo;   /* host order, inclusive ranges */
+	unsigned short sport_hi;
+	unsigned short dport_lo;
+	unsigned short dport_hi;
 	unsigned short pad;
-	unsigned int src[4];
+	unsigned int src[4];       /* network order, pre-masked */
 	unsigned int src_mask[4];
 	unsigned int dst[4];
 	unsigned int dst_mask[4];
+	unsigned int addr[4];
+	unsigned int addr_mask[4];
 };
 
 /*

@@ -21,6 +21,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
+#include <bpf/btf.h>
 
 #include "ct_index.h"
 #include "ct_index_loader.h"
@@ -81,6 +82,11 @@ static int cti_libbpf_print(enum libbpf_print_level lvl, const char *fmt,
 	}
 	vsnprintf(cti_log + len, sizeof(cti_log) - len, fmt, ap);
 	return 0;
+}
+
+long long cti_max_records(struct cti *c)
+{
+	return bpf_map__max_entries(c->skel->maps.cti_records);
 }
 
 const char *cti_last_log(void)
@@ -409,7 +415,7 @@ int cti_prune_zone(struct cti *c, unsigned int zone, unsigned int batch,
 	return reap_loop(c, CTI_OP_PRUNE, zone, NULL, batch, 0, res);
 }
 
-long long cti_clear_dirty(struct cti *c, unsigned int zone)
+long long cti_clear_dirty(struct cti *c, unsigned int zone, unsigned long long expected)
 {
 	struct cti_reap_args a;
 	int err;
@@ -419,9 +425,135 @@ long long cti_clear_dirty(struct cti *c, unsigned int zone)
 	memset(&a, 0, sizeof(a));
 	a.op = CTI_OP_CLEAR_DIRTY;
 	a.zone = zone;
+	a.end = expected;
 	/* no kfunc is called: any netns will do */
 	err = run_reaper(c, &a);
 	return err ? err : (long long)a.failed;
+}
+
+long long cti_add_records(struct cti *c, unsigned int zone,
+			  const struct cti_record *recs, unsigned int n)
+{
+	struct {
+		struct cti_reap_args a;
+		struct cti_record r[CTI_ADD_MAX];
+	} in, out;
+	long long lost = 0;
+	unsigned int done = 0;
+
+	if (zone >= CTI_MAX_ZONES)
+		return -EINVAL;
+	while (done < n) {
+		unsigned int k = n - done < CTI_ADD_MAX ? n - done : CTI_ADD_MAX;
+		size_t size = sizeof(in.a) + k * sizeof(struct cti_record);
+		LIBBPF_OPTS(bpf_test_run_opts, opts,
+			.data_in = &in,
+			.data_size_in = size,
+			.data_out = &out,
+			.data_size_out = size,
+			.repeat = 1,
+		);
+		int err;
+
+		memset(&in.a, 0, sizeof(in.a));
+		in.a.op = CTI_OP_ADD;
+		in.a.zone = zone;
+		in.a.budget = k;
+		memcpy(in.r, recs + done, k * sizeof(struct cti_record));
+		err = bpf_prog_test_run_opts(bpf_program__fd(c->skel->progs.cti_reap), &opts);
+		if (err)
+			return err < 0 ? err : -EIO;
+		if (opts.retval != XDP_PASS || out.a.status)
+			return out.a.status ? out.a.status : -EIO;
+		lost += (long long)out.a.failed;
+		done += k;
+	}
+	return lost;
+}
+
+int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf,
+			unsigned long long *slots, unsigned int n)
+{
+	struct cti_zone z;
+	unsigned long long slot;
+	unsigned int cnt = 0;
+	int fd, err;
+
+	err = cti_zone_stats(c, zone, &z);
+	if (err)
+		return err;
+	fd = bpf_map__fd(c->skel->maps.cti_records);
+	for (slot = z.tail; slot < z.head && cnt < n; slot++) {
+		__u64 key = ((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK);
+
+		if (bpf_map_lookup_elem(fd, &key, &buf[cnt]) == 0)
+			slots[cnt++] = slot;
+		else if (errno != ENOENT)
+			return -errno;
+	}
+	return (int)cnt;
+}
+
+int cti_drop_record(struct cti *c, unsigned int zone, unsigned long long slot)
+{
+	__u64 key = ((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK);
+
+	if (zone >= CTI_MAX_ZONES)
+		return -EINVAL;
+	if (bpf_map_delete_elem(bpf_map__fd(c->skel->maps.cti_records), &key) && errno != ENOENT)
+		return -errno;
+	return 0;
+}
+
+/* size of struct bpf_ct_opts in the kernel's (or nf_conntrack's) BTF */
+static int ct_opts_size(void)
+{
+	struct btf *vmlinux, *mod = NULL;
+	int id, size = -ENOENT;
+
+	vmlinux = btf__load_vmlinux_btf();
+	if (!vmlinux)
+		return -errno;
+	id = btf__find_by_name_kind(vmlinux, "bpf_ct_opts", BTF_KIND_STRUCT);
+	if (id > 0) {
+		size = btf__resolve_size(vmlinux, id);
+	} else {
+		mod = btf__parse_split("/sys/kernel/btf/nf_conntrack", vmlinux);
+		if (mod) {
+			id = btf__find_by_name_kind(mod, "bpf_ct_opts", BTF_KIND_STRUCT);
+			if (id > 0)
+				size = btf__resolve_size(mod, id);
+			btf__free(mod);
+		}
+	}
+	btf__free(vmlinux);
+	return size;
+}
+
+int cti_probe(int *netfilter_bpf, int *zoned_kfuncs)
+{
+	/* r0 = NF_ACCEPT; exit */
+	struct bpf_insn insns[] = {
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = BPF_REG_0, .imm = 1 },
+		{ .code = BPF_JMP | BPF_EXIT },
+	};
+	LIBBPF_OPTS(bpf_prog_load_opts, opts,
+		.expected_attach_type = CTI_ATTACH_NETFILTER,
+	);
+	int fd, size, err = 0;
+
+	*netfilter_bpf = 0;
+	*zoned_kfuncs = 0;
+	fd = bpf_prog_load(CTI_PROG_TYPE_NETFILTER, "cti_probe", "GPL", insns, 2, &opts);
+	if (fd >= 0) {
+		*netfilter_bpf = 1;
+		close(fd);
+	} else {
+		err = fd;   /* -EINVAL: no such program type; -EPERM: no CAP_BPF */
+	}
+	size = ct_opts_size();
+	*zoned_kfuncs = size >= 16;
+	return err;
 }
 
 int cti_zone_stats(struct cti *c, unsigned int zone, struct cti_zone *out)

@@ -65,13 +65,28 @@ int cti_reap_zone_flags(struct cti *c, unsigned int zone,
 /* Drop records whose entry no longer exists (entries are not touched). */
 int cti_prune_zone(struct cti *c, unsigned int zone, unsigned int batch,
 		   struct cti_reap_result *res);
-/* Reset the zone's failed (dirty) counter; returns its old value. */
-long long cti_clear_dirty(struct cti *c, unsigned int zone);
+/* Reset the zone's failed (dirty) counter if it still equals expected;
+ * returns the value it had (== expected means it is clean now). */
+long long cti_clear_dirty(struct cti *c, unsigned int zone, unsigned long long expected);
+/* Append records (all of this zone) found by a walk; duplicates are
+ * harmless. Returns how many were lost (map full: the zone is dirty). */
+long long cti_add_records(struct cti *c, unsigned int zone,
+			  const struct cti_record *recs, unsigned int n);
+/* Like cti_zone_records, with each record's slot in slots[]. */
+int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf,
+			unsigned long long *slots, unsigned int n);
+/* Remove one record (its entry was deleted by other means). */
+int cti_drop_record(struct cti *c, unsigned int zone, unsigned long long slot);
+/* What this kernel offers: netfilter BPF programs (6.4+, loadable by us)
+ * and the zone-aware conntrack kfunc options (6.11+). */
+int cti_probe(int *netfilter_bpf, int *zoned_kfuncs);
 int cti_zone_stats(struct cti *c, unsigned int zone, struct cti_zone *out);
 int cti_stats(struct cti *c, struct cti_stats *out);
 /* Copy up to n records of zone into buf; returns how many. */
 int cti_zone_records(struct cti *c, unsigned int zone, struct cti_record *buf,
 		     unsigned int n);
+/* Capacity of the record map. */
+long long cti_max_records(struct cti *c);
 const char *cti_last_log(void);
 
 /* ---- CFFI-CDEF-END ---- */

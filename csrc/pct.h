@@ -9,6 +9,7 @@
 #include <linux/netlink.h>
 #include <libmnl/libmnl.h>
 
+#include "ct_index.h"
 #include "pct_decl.h"
 
 #define PCT_RBUF_SIZE   (256 * 1024)  /* > the kernel's largest dump skb */

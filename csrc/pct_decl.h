@@ -138,5 +138,15 @@ long long pct_table_count(struct pct_handle *h);
 long long pct_create(struct pct_handle *h, const struct pct_create_spec *spec,
                      unsigned long long *failed, int *first_errno);
 
+/* The eBPF zone index (bpf/ct_index.h and ct_index_loader.h). */
+struct cti;
+long long pct_index_seed(struct pct_handle *h, struct cti *c, const struct pct_filter *f,
+                         unsigned int kflags, long long *lost);
+int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filter *f,
+                     const struct cti_filter *bf, int use_kfuncs, int use_zone_attr,
+                     struct pct_delete_result *res);
+long long pct_index_audit(struct pct_handle *h, struct cti *c, struct pct_entry *missing,
+                          int max, unsigned long long *checked);
+
 /* Match one entry against a filter (exposed for unit tests). */
 int pct_match(const struct pct_filter *f, const struct pct_entry *e);

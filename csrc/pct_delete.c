@@ -217,7 +217,8 @@ static int queue_delete(struct pct_handle *h, const struct pct_entry *e,
      * connection that reuses the tuple */
     if (use_zone_attr)
         mnl_attr_put_u16(nlh, CTA_ZONE, htons(e->zone));
-    mnl_attr_put_u32(nlh, CTA_ID, htonl(e->id));
+    if (e->id)   /* 0: unknown (an index record), delete by tuple and zone */
+        mnl_attr_put_u32(nlh, CTA_ID, htonl(e->id));
     pct_batch_commit(h, nlh);
     return 0;
 }

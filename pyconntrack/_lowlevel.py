@@ -265,3 +265,133 @@ def delete_entries(h: Handle, entries: Sequence[Entry], use_zone_attr: bool) -> 
     check(rc, "pct_delete_entries", h.netns)
     return {"matched": res.matched, "deleted": res.deleted, "already_gone": res.already_gone,
             "failed": res.failed, "errno": res.first_errno, "walks": 0}
+
+
+# -- the eBPF zone index --------------------------------------------------------
+
+def index_probe() -> tuple:
+    """(netfilter_bpf, zoned_kfuncs, errno of the program-load probe)."""
+    nf = ffi.new("int *")
+    zk = ffi.new("int *")
+    rc = lib.cti_probe(nf, zk)
+    return bool(nf[0]), bool(zk[0]), -rc if rc < 0 else 0
+
+
+def index_log() -> str:
+    return ffi.string(lib.cti_last_log()).decode(errors="replace").strip()
+
+
+class IndexHandle:
+    """The index's programs and pinned maps for one network namespace."""
+
+    def __init__(self, pin_dir: str, max_records: int = 0) -> None:
+        out = ffi.new("struct cti **")
+        rc = lib.cti_open(pin_dir.encode(), max_records, out)
+        if rc < 0:
+            err = from_errno(rc, "cti_open")
+            log = index_log()
+            if log:
+                err.args = (f"{err.args[0]}: {log.splitlines()[-1]}",)
+            raise err
+        self._c = ffi.gc(out[0], lib.cti_close)
+
+    def close(self) -> None:
+        if self._c is not None:
+            ffi.release(self._c)
+            self._c = None
+
+    @property
+    def raw(self):
+        if self._c is None:
+            raise ConntrackError("index handle is closed")
+        return self._c
+
+    def attach(self, netns_fd: int) -> None:
+        check(lib.cti_attach(self.raw, netns_fd), "cti_attach")
+
+    def set_netns(self, netns_fd: int) -> None:
+        check(lib.cti_set_netns(self.raw, netns_fd), "cti_set_netns")
+
+    def detach(self) -> None:
+        check(lib.cti_detach(self.raw), "cti_detach")
+
+    def unpin(self) -> None:
+        check(lib.cti_unpin(self.raw), "cti_unpin")
+
+    def zone_stats(self, zone: int) -> dict:
+        z = ffi.new("struct cti_zone *")
+        check(lib.cti_zone_stats(self.raw, zone, z), "cti_zone_stats")
+        return {"head": z.head, "done": z.done, "tail": z.tail, "failed": z.failed,
+                "added": z.added}
+
+    def stats(self) -> dict:
+        s = ffi.new("struct cti_stats *")
+        check(lib.cti_stats(self.raw, s), "cti_stats")
+        return {k: getattr(s, k) for k in ("seen", "no_ct", "confirmed", "recorded", "failed",
+                                           "read_err")}
+
+    def max_records(self) -> int:
+        return check(lib.cti_max_records(self.raw), "cti_max_records")
+
+    def clear_dirty(self, zone: int, expected: int) -> int:
+        return check(lib.cti_clear_dirty(self.raw, zone, expected), "cti_clear_dirty")
+
+    def prune(self, zone: int) -> dict:
+        r = ffi.new("struct cti_reap_result *")
+        check(lib.cti_prune_zone(self.raw, zone, 0, r), "cti_prune_zone")
+        return {k: getattr(r, k) for k in ("deleted", "gone", "kept", "unsupported", "visited",
+                                           "runs")}
+
+
+def _bpf_filter(f: Filter):
+    bf = ffi.new("struct cti_filter *")
+    flags = 0
+    if f.family is not None:
+        flags |= lib.CTI_F_FAMILY
+        bf.family = _AF[f.family]
+    if f.proto is not None:
+        flags |= lib.CTI_F_PROTO
+        bf.proto = f.proto
+    if f.sport is not None:
+        flags |= lib.CTI_F_SPORT
+        bf.sport_lo, bf.sport_hi = f.sport
+    if f.dport is not None:
+        flags |= lib.CTI_F_DPORT
+        bf.dport_lo, bf.dport_hi = f.dport
+    for name, flag, value, mask in (("src", lib.CTI_F_SRC, bf.src, bf.src_mask),
+                                    ("dst", lib.CTI_F_DST, bf.dst, bf.dst_mask),
+                                    ("addr", lib.CTI_F_ADDR, bf.addr, bf.addr_mask)):
+        net = getattr(f, name)
+        if net is None:
+            continue
+        flags |= flag
+        ffi.memmove(value, net.network_address.packed, len(net.network_address.packed))
+        ffi.memmove(mask, net.netmask.packed, len(net.netmask.packed))
+    bf.flags = flags
+    return bf
+
+
+def index_seed(h: Handle, ix: IndexHandle, f: Filter, kflags: int) -> tuple:
+    lost = ffi.new("long long *")
+    seen = check(lib.pct_index_seed(h.raw, ix.raw, to_c_filter(f), kflags, lost),
+                 "pct_index_seed", h.netns)
+    return seen, lost[0]
+
+
+def index_delete(h: Handle, ix: IndexHandle, f: Filter, use_kfuncs: bool,
+                 use_zone_attr: bool) -> dict:
+    res = ffi.new("struct pct_delete_result *")
+    rc = lib.pct_index_delete(h.raw, ix.raw, to_c_filter(f), _bpf_filter(f), int(use_kfuncs),
+                              int(use_zone_attr), res)
+    check(rc, "pct_index_delete", h.netns)
+    out = _result_dict(res)
+    out["walks"] = 0
+    return out
+
+
+def index_audit(h: Handle, ix: IndexHandle, max_missing: int = 1000) -> tuple:
+    buf = ffi.new("struct pct_entry[]", max(max_missing, 1))
+    checked = ffi.new("unsigned long long *")
+    n = check(lib.pct_index_audit(h.raw, ix.raw, buf, max_missing, checked),
+              "pct_index_audit", h.netns)
+    return n, checked[0], [_entry(buf[i]) for i in range(min(n, max_missing))]

@@ -1,13 +1,1024 @@
-"""Benchmark harness (pyconntrack bench): placeholder until it lands."""
+"""pyconntrack bench: pyconntrack against its peers and the kernel's floor.
+
+Every table is built in a scratch network namespace this command creates and
+always removes (pyconntrack.netns.scratch); the machine's own conntrack table
+is never read, flushed or filled. For tables beyond the global
+``net.netfilter.nf_conntrack_max`` the limit (and, with ``--buckets``, the
+hash size) is raised for the run and restored afterwards, also on Ctrl-C and
+SIGTERM.
+
+For each table size one table is built (``--zones`` zones, every zone a mix of
+tcp/udp/icmp over IPv4 and IPv6, one zone holding a device talking to 200
+remote IPs) and, on that same table, every method cleans the same kind of
+target; the table is refilled after each measurement so every measurement sees
+the full table. Each figure is the median of ``--reps`` repetitions with
+min/max, and every ratio is to the raw kernel zone flush measured on the same
+table in the same run (the floor of any walk-based method).
+
+Scenarios:
+- ``zone``: one whole zone.
+- ``remote50``: in one zone, the entries between the device IP and 50 given
+  remote IPs, both directions (what Neutron does on a security-group change).
+- ``zones100``: 100 queued requests, each "delete zone Z", for 100 zones.
+
+Methods that issue one request or process per target (Neutron's way,
+conntrack-tools per zone, pyconntrack/pyroute2 one request at a time) are
+sampled when the whole series would exceed ``--budget`` seconds: at least
+five of them run, and the total is extrapolated linearly (each is an
+independent full-table walk); the output says so. ``--full-peers`` runs all.
+"""
 from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+from . import netns as scratch_netns
+from .conntrack import Conntrack
+from .errors import ConntrackError, InvalidFilter
+from .filter import Filter
+from .progress import Progress
+
+SYSCTL_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+SYSCTL_BUCKETS = "/proc/sys/net/netfilter/nf_conntrack_buckets"
+HASHSIZE = "/sys/module/nf_conntrack/parameters/hashsize"
+
+MIX = [("ipv4", "tcp"), ("ipv4", "udp"), ("ipv4", "icmp"),
+       ("ipv6", "tcp"), ("ipv6", "udp"), ("ipv6", "icmpv6")]
+DEVICE_IP = "10.250.0.10"       # the port's fixed IP in the remote-IP zone
+REMOTES = 200                   # remote IPs the device talks to
+TARGET_REMOTES = 50             # remote IPs whose entries are cleaned
+PER_REMOTE = 2                  # entries per remote IP and direction
+MANY_ZONES = 100                # requests in the queued-requests scenario
+MIN_SAMPLE = 5                  # sampled series run at least this many requests
+BULK_ZONE = 65000               # zone of the one-shot bulk-create measurement
+
+DEFAULT_SIZES = [10_000, 100_000, 1_000_000]
+QUICK = dict(sizes=[5_000, 20_000], zones=256, reps=2, budget=4.0, bulk=20_000)
+
+SCENARIOS = {
+    "zone": "one whole zone",
+    "remote50": f"zone + {TARGET_REMOTES} remote IPs (both directions)",
+    "zones100": f"{MANY_ZONES} queued requests across {MANY_ZONES} zones",
+}
+
+
+# --------------------------------------------------------------------------- args
+
+def _size(text: str) -> int:
+    t = text.strip().lower().replace("_", "")
+    mult = 1
+    if t.endswith("k"):
+        mult, t = 1_000, t[:-1]
+    elif t.endswith("m"):
+        mult, t = 1_000_000, t[:-1]
+    try:
+        n = int(float(t) * mult)
+    except ValueError:
+        raise InvalidFilter(f"invalid table size {text!r}") from None
+    if n < 1_000 or n > 4_000_000:
+        raise InvalidFilter(f"table size {text!r} out of range (1k..4M)")
+    return n
+
+
+def _human(n: int) -> str:
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n >= 1_000 and n % 1_000 == 0:
+        return f"{n // 1_000}k"
+    return str(n)
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="benchmarks against peers (not yet available)")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(name, help="benchmark against peers and the kernel floor (scratch netns)",
+                       description="Time pyconntrack, the raw kernel zone flush, conntrack-tools, "
+                                   "pyroute2 and Neutron's way on the same tables in scratch "
+                                   "network namespaces. Markdown on stdout, JSON/PNG/markdown "
+                                   "files under --out.")
+    p.add_argument("--quick", action="store_true",
+                   help="small tables, 2 repetitions (the smoke test; under 2 minutes)")
+    p.add_argument("--sizes", help="table sizes, e.g. 10k,100k,1M (default 10k,100k,1M)")
+    p.add_argument("--zones", type=int, help="zones in each table (default 4096)")
+    p.add_argument("--reps", type=int, help="repetitions per figure (default 3)")
+    p.add_argument("--budget", type=float,
+                   help="seconds a per-request series may take before it is sampled (default 30)")
+    p.add_argument("--full-peers", action="store_true",
+                   help="never sample: run every request/process of every series")
+    p.add_argument("--methods", help="only these method ids (comma separated; see --list)")
+    p.add_argument("--list", action="store_true", help="list the methods and exit")
+    p.add_argument("--buckets", type=int,
+                   help="set the conntrack hash size for the run (restored afterwards)")
+    p.add_argument("--out", help="write results.json, results.md and results.png into DIR")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.add_argument("--progress", action="store_true", default=None,
+                   help="progress bars even when stderr is not a terminal")
+    p.add_argument("--json", action="store_true", help="JSON on stdout instead of markdown")
     p.add_argument("--debug", action="store_true")
 
 
+# ------------------------------------------------------------------ kernel limits
+
+def _read(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _write(path: str, value: int) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+class KernelLimits:
+    """Raise nf_conntrack_max (and optionally the hash size) for the run and
+    restore both on exit, whatever ends the run (exception, Ctrl-C, SIGTERM)."""
+
+    def __init__(self, needed_max: int, buckets: Optional[int]) -> None:
+        self.needed_max = needed_max
+        self.buckets = buckets
+        self.saved: Dict[str, int] = {}
+        self._old_term = None
+
+    def __enter__(self) -> "KernelLimits":
+        def on_term(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+        if threading.current_thread() is threading.main_thread():
+            self._old_term = signal.signal(signal.SIGTERM, on_term)
+        try:
+            cur = _read(SYSCTL_MAX)
+            if cur is not None and 0 < cur < self.needed_max:
+                self.saved[SYSCTL_MAX] = cur
+                _write(SYSCTL_MAX, self.needed_max)
+            if self.buckets:
+                cur_b = _read(HASHSIZE)
+                if cur_b is not None and cur_b != self.buckets:
+                    self.saved[HASHSIZE] = cur_b
+                    _write(HASHSIZE, self.buckets)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        errors = []
+        for path in (HASHSIZE, SYSCTL_MAX):
+            if path in self.saved:
+                try:
+                    _write(path, self.saved[path])
+                except OSError as e:  # never silent: the operator must know
+                    errors.append(f"{path}: {e}")
+        if self._old_term is not None:
+            signal.signal(signal.SIGTERM, self._old_term)
+            self._old_term = None
+        if errors:
+            sys.stderr.write("pyconntrack bench: could not restore " + "; ".join(errors) + "\n")
+
+    def restored(self) -> Dict[str, int]:
+        return {os.path.basename(k): v for k, v in self.saved.items()}
+
+
+# ------------------------------------------------------------------------ workers
+
+class Worker:
+    """A ``python -m pyconntrack.bench_peers KIND NETNS`` child speaking JSON lines."""
+
+    def __init__(self, kind: str, netns: str) -> None:
+        self.kind = kind
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pyconntrack.bench_peers", kind, netns],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def call(self, **request) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise ConntrackError(f"bench worker {self.kind} died (exit {self.proc.poll()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise ConntrackError(f"{self.kind} worker: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # type: ignore[union-attr]
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ------------------------------------------------------------------------- tables
+
+def _zone_src(zone: int, family: str) -> str:
+    return f"10.{zone >> 8}.{zone & 0xFF}.1" if family == "ipv4" else f"fd00:{zone:x}::1"
+
+
+def remote_ip(i: int) -> str:
+    return f"198.18.{i // 250}.{i % 250 + 1}"
+
+
+class Table:
+    """The table of one size: what each zone holds, to fill and refill it."""
+
+    def __init__(self, size: int, zones: int) -> None:
+        self.size = size
+        self.zones = zones
+        self.remote_zone = zones                      # the last zone
+        self.std_zones = list(range(1, zones))        # every other zone
+        remote_entries = REMOTES * 2 * PER_REMOTE
+        rest = max(size - remote_entries, 0)
+        self.zone_specs: Dict[int, List[dict]] = {}
+        n = len(self.std_zones)
+        for k, z in enumerate(self.std_zones):
+            share = rest // n + (1 if k < rest % n else 0)
+            specs = []
+            for i, (family, proto) in enumerate(MIX):
+                c = share // len(MIX) + (1 if i < share % len(MIX) else 0)
+                if c:
+                    specs.append(dict(count=c, zone=z, family=family, proto=proto,
+                                      src=_zone_src(z, family),
+                                      dport=443 if proto == "tcp" else 53))
+            self.zone_specs[z] = specs
+        self.remote_specs: Dict[int, List[dict]] = {}
+        for r in range(REMOTES):
+            ip = remote_ip(r)
+            self.remote_specs[r] = [
+                # ingress: the remote connects to the device
+                dict(count=PER_REMOTE, zone=self.remote_zone, proto="tcp", src=ip,
+                     dst=DEVICE_IP, sport=40000, dport=22),
+                # egress: the device connects to the remote
+                dict(count=PER_REMOTE, zone=self.remote_zone, proto="udp", src=DEVICE_IP,
+                     dst=ip, sport=40000, dport=53),
+            ]
+
+    def entries(self, zones: Sequence[int] = (), remotes: Sequence[int] = ()) -> int:
+        return (sum(s["count"] for z in zones for s in self.zone_specs[z])
+                + sum(s["count"] for r in remotes for s in self.remote_specs[r]))
+
+    def all_specs(self) -> List[dict]:
+        out = [s for z in self.std_zones for s in self.zone_specs[z]]
+        out += [s for r in range(REMOTES) for s in self.remote_specs[r]]
+        return out
+
+    def fill(self, netns: str, progress: Progress) -> int:
+        """Create every entry, split over the cores (one socket each)."""
+        specs = self.all_specs()
+        workers = max(1, min(os.cpu_count() or 1, 4))
+        lock = threading.Lock()
+        created = [0] * workers
+        errors: List[BaseException] = []
+
+        def work(i: int) -> None:
+            try:
+                with Conntrack(netns) as ct:
+                    for s in specs[i::workers]:
+                        spec = dict(s)
+                        n = ct.create_many(spec.pop("count"), **spec)
+                        created[i] += n
+                        with lock:
+                            progress.advance(n)
+            except BaseException as exc:  # re-raised in the caller
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        progress.finish()
+        if errors:
+            raise errors[0]
+        return sum(created)
+
+    def refill(self, ct: Conntrack, zones: Sequence[int] = (),
+               remotes: Sequence[int] = ()) -> None:
+        for z in zones:
+            for s in self.zone_specs[z]:
+                spec = dict(s)
+                ct.create_many(spec.pop("count"), **spec)
+        for r in remotes:
+            for s in self.remote_specs[r]:
+                spec = dict(s)
+                ct.create_many(spec.pop("count"), **spec)
+
+
+# ------------------------------------------------------------------------ methods
+
+class Target:
+    """What one measurement cleans: zones, or remote IPs in the remote zone."""
+
+    def __init__(self, zones: Sequence[int] = (), remotes: Sequence[int] = ()) -> None:
+        self.zones = list(zones)
+        self.remotes = list(remotes)
+
+
+class Step:
+    """One timed unit of a method: returns (seconds, walks) and which part of
+    the target it cleaned (so a sampled series is verified and refilled)."""
+
+    def __init__(self, run: Callable[[], tuple], zones=(), remotes=()) -> None:
+        self.run = run
+        self.zones = list(zones)
+        self.remotes = list(remotes)
+
+
+class Method:
+    def __init__(self, mid: str, scenario: str, label: str, kind: str,
+                 steps: Callable[["Bench", Target], List[Step]], series: bool = False,
+                 note: str = "", group: int = 1) -> None:
+        self.id = mid
+        self.scenario = scenario
+        self.label = label
+        self.kind = kind          # floor | pyconntrack | peer
+        self.steps = steps
+        self.series = series      # one request/process per target part: may be sampled
+        self.note = note
+        self.group = group        # a sample stops only at a multiple of this many steps
+        self.skip = ""            # reason this run cannot measure it
+
+
+def _proc(argv: List[str]) -> Callable[[], tuple]:
+    def run() -> tuple:
+        start = time.perf_counter()
+        # fixed argv, no shell; stdout is the deleted entries, not wanted
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        return time.perf_counter() - start, 1
+    return run
+
+
+def _call(worker_get: Callable[[], Worker], **request) -> Callable[[], tuple]:
+    def run() -> tuple:
+        a = worker_get().call(**request)
+        return a["seconds"], a.get("walks", 0)
+    return run
+
+
+def _pairs(remotes: Sequence[int]) -> List[List[str]]:
+    out = []
+    for r in remotes:
+        out.append([remote_ip(r), DEVICE_IP])
+        out.append([DEVICE_IP, remote_ip(r)])
+    return out
+
+
+def _remote_filters(zone: int, remotes: Sequence[int]) -> List[dict]:
+    return [dict(zone=zone, src=s, dst=d) for s, d in _pairs(remotes)]
+
+
+def build_methods() -> List[Method]:
+    M: List[Method] = []
+
+    def add(*a, **k) -> None:
+        M.append(Method(*a, **k))
+
+    # -- one whole zone
+    add("floor", "zone", "kernel zone flush (floor)", "floor",
+        lambda b, t: [Step(_call(b.peer, op="raw_flush", zones=t.zones), zones=t.zones)],
+        note="one IPCTNL_MSG_CT_DELETE with CTA_ZONE; send + ack timed")
+    add("pct-flush", "zone", "pyconntrack delete strategy=flush", "pyconntrack",
+        lambda b, t: [Step(_call(b.pct, op="delete", filter=dict(zone=t.zones[0]),
+                                 strategy="flush"), zones=t.zones)])
+    add("pct-walk", "zone", "pyconntrack delete strategy=walk", "pyconntrack",
+        lambda b, t: [Step(_call(b.pct, op="delete", filter=dict(zone=t.zones[0]),
+                                 strategy="walk"), zones=t.zones)])
+    add("pct-index", "zone", "pyconntrack delete strategy=index", "pyconntrack",
+        lambda b, t: [Step(_call(b.pct, op="delete", filter=dict(zone=t.zones[0]),
+                                 strategy="index"), zones=t.zones)])
+    add("conntrack-tools", "zone", "conntrack -D -w Z", "peer",
+        lambda b, t: [Step(_proc([*b.enter, "conntrack", "-D", "-w",
+                                  str(t.zones[0])]), zones=t.zones)],
+        note="one process: full-table dump, zone matched in userspace, one delete+ack each")
+    add("pyroute2", "zone", "pyroute2 dump(zone) + entry('del', zone)", "peer",
+        lambda b, t: [Step(_call(b.peer, op="pyroute2", zones=t.zones), zones=t.zones)],
+        note="dump per family with the kernel zone filter, one request per entry")
+
+    # -- zone + 50 remote IPs
+    add("pct-delete_many", "remote50", "pyconntrack delete_many (100 filters)", "pyconntrack",
+        lambda b, t: [Step(_call(b.pct, op="delete_many",
+                                 filters=_remote_filters(b.table.remote_zone, t.remotes)),
+                           remotes=t.remotes)],
+        note="one walk for zone + src/dst pairs, both directions")
+    add("pct-delete_each", "remote50", "pyconntrack delete_each (100 filters)", "pyconntrack",
+        lambda b, t: [Step(_call(b.pct, op="delete_each",
+                                 filters=_remote_filters(b.table.remote_zone, t.remotes)),
+                           remotes=t.remotes)],
+        note="one walk, a result per filter")
+    add("neutron", "remote50", "Neutron: conntrack -D per IP and direction", "peer",
+        lambda b, t: [Step(_proc([*b.enter, "conntrack", "-D", "-f", "ipv4",
+                                  flag_dev, DEVICE_IP, "-w", str(b.table.remote_zone),
+                                  flag_rem, remote_ip(r)]), remotes=[r] if i else [])
+                      for r in t.remotes
+                      for i, (flag_dev, flag_rem) in enumerate((("-d", "-s"), ("-s", "-d")))],
+        series=True, group=2,
+        note="IpConntrackManager: one process per remote IP and direction (100)")
+    add("pyroute2-remote", "remote50", "pyroute2 dump(zone) + match + entry('del', zone)",
+        "peer",
+        lambda b, t: [Step(_call(b.peer, op="pyroute2", zones=[b.table.remote_zone],
+                                 pairs=_pairs(t.remotes)), remotes=t.remotes)],
+        note="one zone dump per family, src/dst matched in Python")
+
+    # -- 100 queued requests across 100 zones
+    add("pct-delete_many-100", "zones100", "pyconntrack delete_many (100 zones)", "pyconntrack",
+        lambda b, t: [Step(_call(b.pct, op="delete_many",
+                                 filters=[dict(zone=z) for z in t.zones]), zones=t.zones)],
+        note="the queue coalesced: one walk")
+    add("pct-flush-100", "zones100", "pyconntrack delete per request (auto: flush)",
+        "pyconntrack",
+        lambda b, t: [Step(_call(b.pct, op="delete", filter=dict(zone=z), strategy="auto"),
+                           zones=[z]) for z in t.zones],
+        series=True, note="one kernel flush (one walk) per request")
+    add("pct-index-100", "zones100", "pyconntrack delete per request (index)", "pyconntrack",
+        lambda b, t: [Step(_call(b.pct, op="delete", filter=dict(zone=z), strategy="index"),
+                           zones=[z]) for z in t.zones],
+        series=True)
+    add("conntrack-tools-100", "zones100", "conntrack -D -w Z per request", "peer",
+        lambda b, t: [Step(_proc([*b.enter, "conntrack", "-D", "-w",
+                                  str(z)]), zones=[z]) for z in t.zones],
+        series=True, note="Neutron's single queue worker: one process per request")
+    add("pyroute2-100", "zones100", "pyroute2 per request", "peer",
+        lambda b, t: [Step(_call(b.peer, op="pyroute2", zones=[z]), zones=[z])
+                      for z in t.zones],
+        series=True)
+    return M
+
+
+# -------------------------------------------------------------------------- bench
+
+class Bench:
+    def __init__(self, opts: dict, methods: List[Method], progress: Optional[bool]) -> None:
+        self.opts = opts
+        self.methods = methods
+        self.progress = progress
+        self.rows: List[dict] = []
+        self.fills: List[dict] = []
+        self.rss: Dict[str, int] = {}
+        self.extra: Dict[str, str] = {}
+        self.ns = ""
+        self.table: Optional[Table] = None
+        self._pct: Optional[Worker] = None
+        self._peer: Optional[Worker] = None
+        self._next_zone = 0
+        self.refilled: set = set()
+        self.index_info: Dict[str, dict] = {}
+
+    @property
+    def enter(self) -> List[str]:
+        """Run a command in the scratch netns: nsenter (net only) is the
+        cheapest (ip netns exec also remounts /sys: ~2 ms more per process)."""
+        if shutil.which("nsenter"):
+            return ["nsenter", f"--net={scratch_netns.NETNS_DIR}/{self.ns}"]
+        return ["ip", "netns", "exec", self.ns]
+
+    def pct(self) -> Worker:
+        if self._pct is None:
+            self._pct = Worker("pct", self.ns)
+        return self._pct
+
+    def peer(self) -> Worker:
+        if self._peer is None:
+            self._peer = Worker("peer", self.ns)
+        return self._peer
+
+    def close_workers(self) -> None:
+        for w in (self._pct, self._peer):
+            if w is not None:
+                w.close()
+        self._pct = self._peer = None
+
+    def _zones(self, n: int) -> List[int]:
+        assert self.table is not None
+        zs = self.table.std_zones
+        out = [zs[(self._next_zone + i) % len(zs)] for i in range(n)]
+        self._next_zone = (self._next_zone + n) % len(zs)
+        return out
+
+    def _fresh_zones(self, n: int) -> List[int]:
+        """Zones never refilled in this table: the eBPF index learns entries
+        from packets and from its seeding walk, not from ctnetlink creates."""
+        assert self.table is not None
+        fresh = [z for z in reversed(self.table.std_zones) if z not in self.refilled]
+        if len(fresh) < n:
+            raise ConntrackError("no zone left that was never refilled (raise --zones)")
+        return fresh[:n]
+
+    def target_for(self, scenario: str, m: Optional[Method] = None) -> Target:
+        if m is not None and "index" in m.id:
+            return Target(zones=self._fresh_zones(1 if scenario == "zone" else MANY_ZONES))
+        if scenario == "zone":
+            return Target(zones=self._zones(1))
+        if scenario == "remote50":
+            return Target(remotes=list(range(TARGET_REMOTES)))
+        return Target(zones=self._zones(MANY_ZONES))
+
+    # -- one measurement: run the steps, verify, refill
+    def measure(self, m: Method, ct: Conntrack) -> dict:
+        assert self.table is not None
+        target = self.target_for(m.scenario, m)
+        steps = m.steps(self, target)
+        before = ct.table_count()
+        budget = self.opts["budget"]
+        seconds, walks, done = 0.0, 0, 0
+        zones: List[int] = []
+        remotes: List[int] = []
+        for st in steps:
+            s, w = st.run()
+            seconds += s
+            walks += w
+            done += 1
+            zones += st.zones
+            remotes += st.remotes
+            if (m.series and budget and done >= MIN_SAMPLE and done < len(steps)
+                    and seconds / done * len(steps) > budget
+                    and done % m.group == 0):
+                break
+        after = ct.table_count()
+        expected = self.table.entries(zones, remotes)
+        deleted = before - after
+        total = seconds * len(steps) / done
+        self.refilled.update(zones)
+        if deleted == expected:
+            self.table.refill(ct, zones, remotes)
+        else:  # put the table back exactly: empty the targets, then refill
+            fs = [Filter(zone=z) for z in zones]
+            fs += [Filter(zone=self.table.remote_zone, src=s, dst=d) for s, d in _pairs(remotes)]
+            if fs:
+                ct.delete_many(fs)
+            self.table.refill(ct, zones, remotes)
+        return {"seconds": total, "measured_s": seconds, "walks": walks * len(steps) // done,
+                "steps_run": done, "steps": len(steps), "deleted": deleted,
+                "expected": expected}
+
+    def run_size(self, size: int, first: bool) -> None:
+        o = self.opts
+        self.table = Table(size, o["zones"])
+        self._next_zone = 0
+        self.refilled = set()
+        with scratch_netns.scratch("pct-bench") as ns, Conntrack(ns) as ct:
+            self.ns = ns
+            try:
+                # start the workers now: their one-time costs (imports, the
+                # capability probe's throwaway netns) stay out of the timings
+                self.pct().call(op="warmup")
+                self.peer().call(op="warmup")
+                if first:
+                    self._bulk_create(ct)
+                start = time.perf_counter()
+                created = self.table.fill(ns, Progress(size, f"filling {_human(size):>5}",
+                                                       enabled=self.progress))
+                fill_s = time.perf_counter() - start
+                self.fills.append({"size": size, "created": created, "seconds": fill_s,
+                                   "per_s": created / fill_s, "zones": o["zones"],
+                                   "table_count": ct.table_count()})
+                self._log(f"size {_human(size)}: {created:,} entries in {o['zones']} zones "
+                          f"filled in {fill_s:.2f} s ({created / fill_s:,.0f}/s)")
+                if first and any(m.id.startswith("pyroute2") for m in self.methods):
+                    try:
+                        z = self._zones(1)[0]
+                        self.extra["pyroute2_delete_entry"] = self.peer().call(
+                            op="pitfall", zone=z)["result"]
+                        n_left = ct.count(Filter(zone=z))
+                        ct.delete(Filter(zone=z), strategy="walk")
+                        self.table.refill(ct, [z])
+                        self.extra["pyroute2_delete_entry"] += f" (zone {z} kept {n_left} entries)"
+                    except ConntrackError as exc:
+                        self.extra["pyroute2_delete_entry"] = f"not checked: {exc}"
+                self._check_index(size)
+                for scenario in SCENARIOS:
+                    ms = [m for m in self.methods if m.scenario == scenario]
+                    samples: Dict[str, List[dict]] = {m.id: [] for m in ms}
+                    for rep in range(o["reps"]):
+                        for m in ms:
+                            if m.skip:
+                                continue
+                            try:
+                                samples[m.id].append(self.measure(m, ct))
+                            except ConntrackError as exc:
+                                m.skip = f"failed: {exc}"
+                                self._log(f"  {m.id}: {m.skip}")
+                    for m in ms:
+                        self._record(m, size, samples[m.id])
+                self.rss[str(size)] = self.pct().call(op="rss")["maxrss_kb"]
+                if ct.table_count() != size:
+                    raise ConntrackError(f"table changed size: {ct.table_count()} != {size}")
+            finally:
+                if self._pct is not None and any("index" in m.id for m in self.methods):
+                    try:  # the index pins live in bpffs: never leave them behind
+                        self._pct.call(op="detach_index")
+                    except ConntrackError as exc:
+                        self._log(f"detaching the index failed: {exc}")
+                self.close_workers()
+
+    def _check_index(self, size: int) -> None:
+        """Attach the eBPF zone index (when this pyconntrack has it) after the
+        fill: its seeding walk records the table; skip the index methods with
+        the reason otherwise."""
+        ms = [m for m in self.methods if "index" in m.id]
+        if not ms or all(m.skip for m in ms):
+            return
+        reason = ""
+        try:
+            if "index" not in self.pct().call(op="strategies")["strategies"]:
+                reason = "not available: Conntrack has no index strategy yet"
+            else:
+                a = self.pct().call(op="attach_index", max_records=int(size * 1.2) + 10_000)
+                if not a["attached"]:
+                    reason = f"not available: {a['reason']}"
+                else:
+                    self.index_info[str(size)] = a
+                    self._log(f"  eBPF index attached in {a['seconds']:.2f} s "
+                              f"(seeded {a['seeded']}, lost {a['lost']})")
+        except ConntrackError as exc:
+            reason = f"not available: {exc}"
+        for m in ms:
+            if reason and not m.skip:
+                m.skip = reason
+
+    def _bulk_create(self, ct: Conntrack) -> None:
+        n = self.opts["bulk"]
+        start = time.perf_counter()
+        created = ct.create_many(n, zone=BULK_ZONE, proto="udp", src="10.251.0.1")
+        seconds = time.perf_counter() - start
+        ct.delete(Filter(zone=BULK_ZONE), strategy="auto")
+        self.extra["bulk_create"] = json.dumps({"entries": created, "seconds": seconds,
+                                                "per_s": created / seconds})
+        self._log(f"bulk create: {created:,} entries in one create_many call in "
+                  f"{seconds:.2f} s ({created / seconds:,.0f}/s)")
+
+    def _record(self, m: Method, size: int, samples: List[dict]) -> None:
+        row = {"scenario": m.scenario, "method": m.id, "label": m.label, "kind": m.kind,
+               "size": size, "note": m.note}
+        if m.skip or not samples:
+            row.update(skipped=m.skip or "no sample")
+            self.rows.append(row)
+            return
+        secs = [s["seconds"] for s in samples]
+        row.update(
+            reps=len(samples), seconds=secs, median_s=statistics.median(secs),
+            min_s=min(secs), max_s=max(secs),
+            walks=max(s["walks"] for s in samples),
+            deleted=[s["deleted"] for s in samples], expected=[s["expected"] for s in samples],
+            exact=all(s["deleted"] == s["expected"] for s in samples),
+            steps=samples[0]["steps"],
+            steps_run=min(s["steps_run"] for s in samples),
+            extrapolated=any(s["steps_run"] < s["steps"] for s in samples))
+        self.rows.append(row)
+        flag = "" if row["exact"] else "  (deleted != expected!)"
+        ext = (f" (sampled {row['steps_run']}/{row['steps']}, extrapolated)"
+               if row["extrapolated"] else "")
+        self._log(f"  {m.scenario:<9} {m.id:<22} {row['median_s'] * 1000:10.1f} ms "
+                  f"[{row['min_s'] * 1000:.1f}-{row['max_s'] * 1000:.1f}]{ext}{flag}")
+
+    def _log(self, text: str) -> None:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        """Ratios to the floor measured on the same table."""
+        floors = {r["size"]: r["median_s"] for r in self.rows
+                  if r["method"] == "floor" and "median_s" in r}
+        for r in self.rows:
+            if "median_s" in r and floors.get(r["size"]):
+                r["ratio_to_floor"] = r["median_s"] / floors[r["size"]]
+
+
+# ------------------------------------------------------------------------ targets
+
+def _row(rows, method: str, size: int) -> Optional[dict]:
+    for r in rows:
+        if r["method"] == method and r["size"] == size and "median_s" in r:
+            return r
+    return None
+
+
+def evaluate_targets(result: dict) -> List[dict]:
+    rows = result["results"]
+    sizes = result["meta"]["sizes"]
+    big = max(sizes)
+    out = []
+
+    def verdict(ok: Optional[bool]) -> str:
+        return "not measured" if ok is None else ("met" if ok else "NOT met")
+
+    # P1
+    parts, oks = [], []
+    for s in sizes:
+        w, f, c = _row(rows, "pct-walk", s), _row(rows, "floor", s), _row(rows, "conntrack-tools", s)
+        if w and f:
+            r1 = w["median_s"] / f["median_s"]
+            txt = f"{_human(s)}: walk {r1:.2f}x floor"
+            ok = r1 <= 1.10
+            if c:
+                r2 = c["median_s"] / w["median_s"]
+                txt += f", {r2:.1f}x faster than conntrack-tools"
+                ok = ok and r2 >= 10
+            parts.append(txt)
+            if s == big:
+                oks.append(ok)
+    out.append({"id": "P1", "target": "walk-path zone cleanup <= 1.10x raw kernel zone flush "
+                                      "and >= 10x faster than conntrack-tools",
+                "measured": "; ".join(parts) or "-",
+                "verdict": verdict(oks[0] if oks else None) + f" (at {_human(big)})"})
+    # P2
+    i_big = _row(rows, "pct-index", big)
+    f_big = _row(rows, "floor", big)
+    below = [s for s in sizes if s < big]
+    i_prev = _row(rows, "pct-index", max(below)) if below else None
+    if i_big and f_big:
+        speed = f_big["median_s"] / i_big["median_s"]
+        txt = f"{speed:.0f}x faster than the flush at {_human(big)}"
+        ok = speed >= 100
+        if i_prev:
+            growth = i_big["median_s"] / i_prev["median_s"]
+            txt += f"; t({_human(big)})/t({_human(max(below))}) = {growth:.2f}"
+            ok = ok and growth <= 1.5
+        v = verdict(ok)
+    else:
+        skip = next((r.get("skipped") for r in rows if r["method"] == "pct-index"), "")
+        txt, v = skip or "-", "not measured"
+    out.append({"id": "P2", "target": "index cleanup >= 100x faster than the raw flush at 1M, "
+                                      "t(1M)/t(100k) <= 1.5", "measured": txt, "verdict": v})
+    # P3
+    n, d = _row(rows, "neutron", big), _row(rows, "pct-delete_many", big)
+    if n and d:
+        speed = n["median_s"] / d["median_s"]
+        ext = " (Neutron's total extrapolated from a sample)" if n.get("extrapolated") else ""
+        out.append({"id": "P3", "target": "zone + 50 remote IPs >= 20x faster than Neutron's way",
+                    "measured": f"{speed:.0f}x at {_human(big)}{ext}",
+                    "verdict": verdict(speed >= 20)})
+    else:
+        out.append({"id": "P3", "target": "zone + 50 remote IPs >= 20x faster than Neutron's way",
+                    "measured": "-", "verdict": "not measured"})
+    # P4
+    walks = [(s, _row(rows, "pct-delete_many-100", s)) for s in sizes]
+    walks = [(s, r["walks"]) for s, r in walks if r]
+    out.append({"id": "P4", "target": "100 queued requests -> <= 2 walks",
+                "measured": ", ".join(f"{_human(s)}: {w} walk(s)" for s, w in walks) or "-",
+                "verdict": verdict(all(w <= 2 for _, w in walks) if walks else None)})
+    # P5
+    rss = result["peak_rss_kb"].get(str(big))
+    out.append({"id": "P5", "target": "peak RSS <= 100 MB at 1M",
+                "measured": f"{rss / 1024:.0f} MB at {_human(big)}" if rss else "-",
+                "verdict": verdict(rss / 1024 <= 100 if rss else None)})
+    # P6
+    bulk = result.get("bulk_create")
+    fills = ", ".join(f"{_human(f['size'])} table {f['per_s'] / 1000:.0f}k/s"
+                      for f in result["fills"])
+    if bulk:
+        out.append({"id": "P6", "target": "bulk create >= 300k entries/s",
+                    "measured": f"one create_many of {bulk['entries']:,}: "
+                                f"{bulk['per_s'] / 1000:.0f}k/s; table fills "
+                                f"(per zone and protocol): {fills}",
+                    "verdict": verdict(bulk["per_s"] >= 300_000)})
+    else:
+        out.append({"id": "P6", "target": "bulk create >= 300k entries/s", "measured": fills,
+                    "verdict": "not measured"})
+    if big < 1_000_000:
+        for t in out:
+            if t["id"] in ("P2", "P5") and t["verdict"] != "not measured":
+                t["verdict"] += f" (target is at 1M; largest size here {_human(big)})"
+    return out
+
+
+# ------------------------------------------------------------------------- output
+
+def _ms(s: float) -> str:
+    ms = s * 1000
+    return f"{ms:,.0f}" if ms >= 100 else (f"{ms:.1f}" if ms >= 1 else f"{ms:.2f}")
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    sizes = meta["sizes"]
+    lines = [f"### pyconntrack bench: kernel {meta['kernel']}, {meta['cpus']} cores, "
+             f"{meta['zones']} zones, {meta['reps']} repetitions, "
+             f"{meta['buckets']} hash buckets",
+             "",
+             "Median ms [min-max] and ratio to the raw kernel zone flush (the floor) measured "
+             "on the same table; `~` = sampled series, total extrapolated.",
+             ""]
+    for scenario, title in SCENARIOS.items():
+        rows = [r for r in result["results"] if r["scenario"] == scenario]
+        if not rows:
+            continue
+        lines += [f"**{title}**", "",
+                  "| method | " + " | ".join(_human(s) for s in sizes) + " |",
+                  "|---|" + "---|" * len(sizes)]
+        seen = []
+        for r in rows:
+            if r["method"] not in seen:
+                seen.append(r["method"])
+        for mid in seen:
+            cells, label = [], mid
+            for s in sizes:
+                r = next((x for x in rows if x["method"] == mid and x["size"] == s), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                label = r["label"]
+                if "median_s" not in r:
+                    cells.append(f"skipped: {r.get('skipped', '')}")
+                    continue
+                c = (f"{'~' if r.get('extrapolated') else ''}{_ms(r['median_s'])} "
+                     f"[{_ms(r['min_s'])}-{_ms(r['max_s'])}]")
+                if "ratio_to_floor" in r:
+                    c += f" ×{r['ratio_to_floor']:.2f}" if r["ratio_to_floor"] < 10 \
+                        else f" ×{r['ratio_to_floor']:.0f}"
+                if not r.get("exact", True):
+                    c += " (deleted != expected)"
+                cells.append(c)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["**targets**", "", "| | target | measured | verdict |", "|---|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['id']} | {t['target']} | {t['measured']} | {t['verdict']} |")
+    lines.append("")
+    rss = ", ".join(f"{_human(int(s))}: {kb / 1024:.0f} MB"
+                    for s, kb in result["peak_rss_kb"].items())
+    lines.append(f"Peak RSS of the pyconntrack worker process: {rss}.")
+    if "pyroute2_delete_entry" in result:
+        lines.append(f"pyroute2 `Conntrack.delete(entry)` on a zone entry: "
+                     f"{result['pyroute2_delete_entry']}.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = result["meta"]
+    fig, axes = plt.subplots(1, len(SCENARIOS), figsize=(6.2 * len(SCENARIOS), 5.4), dpi=110)
+    floor = sorted(((r["size"], r["median_s"]) for r in result["results"]
+                    if r["method"] == "floor" and "median_s" in r))
+    styles = {"floor": ("black", "--"), "pyconntrack": (None, "-"), "peer": (None, ":")}
+    for ax, (scenario, title) in zip(axes, SCENARIOS.items()):
+        rows = [r for r in result["results"] if r["scenario"] == scenario and "median_s" in r]
+        by: Dict[str, List[dict]] = {}
+        for r in rows:
+            by.setdefault(r["method"], []).append(r)
+        if scenario != "zone" and floor:
+            ax.plot([s for s, _ in floor], [v for _, v in floor], color="black",
+                    linestyle="--", marker="o", label="kernel zone flush (floor, 1 zone)")
+        for mid, rs in by.items():
+            rs.sort(key=lambda r: r["size"])
+            color, ls = styles.get(rs[0]["kind"], (None, "-"))
+            xs = [r["size"] for r in rs]
+            ys = [r["median_s"] for r in rs]
+            err = [[y - r["min_s"] for y, r in zip(ys, rs)],
+                   [r["max_s"] - y for y, r in zip(ys, rs)]]
+            label = rs[0]["label"] + (" (~ sampled)" if any(r.get("extrapolated")
+                                                             for r in rs) else "")
+            ax.errorbar(xs, ys, yerr=err, marker="o", linestyle=ls, color=color,
+                        capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("entries in the table")
+        ax.set_ylabel("seconds (median, min-max)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"pyconntrack bench: kernel {meta['kernel']}, {meta['cpus']} cores, "
+                 f"{meta['zones']} zones, {meta['reps']} reps ({meta['date']})", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- run
+
+def _meta(opts: dict, limits: KernelLimits) -> dict:
+    from . import __version__ as version  # type: ignore[attr-defined]
+    try:
+        import pyroute2
+        p2 = getattr(pyroute2, "__version__", "?")
+    except ImportError:
+        p2 = None
+    ctv = None
+    if shutil.which("conntrack"):
+        p = subprocess.run(["conntrack", "--version"], capture_output=True, text=True)
+        ctv = (p.stdout or p.stderr).strip()
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f
+                        if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    mem_kb = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem_kb = int(f.readline().split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    from .conntrack import probe_capabilities
+    caps = probe_capabilities()
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu,
+            "mem_gb": round(mem_kb / 1024 / 1024, 1), "python": platform.python_version(),
+            "pyconntrack": version, "pyroute2": p2, "conntrack_tools": ctv,
+            "sizes": opts["sizes"], "zones": opts["zones"], "reps": opts["reps"],
+            "budget_s": opts["budget"], "buckets": _read(SYSCTL_BUCKETS),
+            "nf_conntrack_max_during_run": _read(SYSCTL_MAX),
+            "restored_after_run": limits.restored(),
+            "probe": {k: getattr(caps, k) for k in ("flush_zone", "dump_zone", "zones")},
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "quick": opts["quick"]}
+
+
+def options(args) -> dict:
+    q = bool(getattr(args, "quick", False))
+    sizes = ([_size(s) for s in args.sizes.split(",") if s.strip()] if args.sizes
+             else (QUICK["sizes"] if q else DEFAULT_SIZES))
+    zones = args.zones or (QUICK["zones"] if q else 4096)
+    reps = args.reps or (QUICK["reps"] if q else 3)
+    budget = args.budget if args.budget is not None else (QUICK["budget"] if q else 30.0)
+    if args.full_peers:
+        budget = 0.0
+    if not 128 <= zones <= 65000:
+        raise InvalidFilter("--zones must be between 128 and 65000")
+    if not 1 <= reps <= 50:
+        raise InvalidFilter("--reps must be between 1 and 50")
+    if min(sizes) < zones * 2:
+        raise InvalidFilter(f"every table size must be at least 2 x --zones ({2 * zones})")
+    return {"sizes": sorted(set(sizes)), "zones": zones, "reps": reps, "budget": budget,
+            "quick": q, "bulk": QUICK["bulk"] if q else 200_000}
+
+
 def run(args) -> int:
-    from .errors import KernelUnsupported
-    raise KernelUnsupported("the benchmark harness is not built yet")
+    methods = build_methods()
+    if args.list:
+        for m in methods:
+            print(f"{m.id:<22} {m.scenario:<9} {m.label}")
+        return 0
+    opts = options(args)
+    if args.methods:
+        wanted = {w.strip() for w in args.methods.split(",") if w.strip()}
+        unknown = wanted - {m.id for m in methods}
+        if unknown:
+            raise InvalidFilter(f"unknown method(s) {', '.join(sorted(unknown))} (see --list)")
+        methods = [m for m in methods if m.id in wanted or m.id == "floor"]
+    if not shutil.which("conntrack"):
+        for m in methods:
+            if m.id.startswith(("conntrack-tools", "neutron")):
+                m.skip = "conntrack-tools not installed"
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        for m in methods:
+            if m.id.startswith("pyroute2"):
+                m.skip = "pyroute2 not installed"
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InvalidFilter("the plot needs matplotlib (pip install matplotlib) "
+                                "or pass --no-plot") from None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    progress = True if args.progress else None
+    needed = int(max(max(opts["sizes"]), opts["bulk"] + min(opts["sizes"])) * 1.05) + 1000
+    started = time.perf_counter()
+    bench = Bench(opts, methods, progress)
+    with KernelLimits(needed, args.buckets) as limits:
+        meta = _meta(opts, limits)
+        for i, size in enumerate(opts["sizes"]):
+            bench.run_size(size, first=(i == 0))
+    meta["restored_after_run"] = {k: _read(SYSCTL_MAX if k == "nf_conntrack_max" else HASHSIZE)
+                                  for k in limits.restored()}
+    meta["duration_s"] = round(time.perf_counter() - started, 1)
+    bench.finish()
+    result = {"meta": meta, "results": bench.rows, "fills": bench.fills,
+              "peak_rss_kb": bench.rss}
+    if "bulk_create" in bench.extra:
+        result["bulk_create"] = json.loads(bench.extra["bulk_create"])
+    if bench.index_info:
+        result["index_attach"] = bench.index_info
+    if "pyroute2_delete_entry" in bench.extra:
+        result["pyroute2_delete_entry"] = bench.extra["pyroute2_delete_entry"]
+    result["targets"] = evaluate_targets(result)
+    md = markdown(result)
+    if args.out:
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(md)
+        if not args.no_plot:
+            plot(result, os.path.join(args.out, "results.png"))
+    print(json.dumps(result, indent=1) if args.json else md)
+    sys.stderr.write(f"bench done in {meta['duration_s']} s\n")
+    return 0

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("delete", help="delete matching entries")
     _filter_args(p)
-    p.add_argument("--strategy", default="auto", choices=["auto", "flush", "walk"])
+    p.add_argument("--strategy", default="auto", choices=["auto", "flush", "walk", "index"])
     p.add_argument("--dry-run", action="store_true", help="count what would be deleted")
     p.add_argument("--force", action="store_true",
                    help="allow a delete matching all of zone 0 (the host's connections)")

@@ -10,9 +10,11 @@ import time
 from typing import Iterable, Iterator, Optional, Sequence
 
 from . import _lowlevel as ll
-from .errors import ConntrackError, InvalidFilter, NamespaceNotFound
+from . import index as index_mod
+from .errors import ConntrackError, InvalidFilter, KernelUnsupported, NamespaceNotFound
 from .filter import Filter, _family, _proto, _zone
-from .plan import Plan, kernel_filters as _kflags, plan_delete, plan_delete_many
+from .plan import (IndexState, Plan, kernel_filters as _kflags, plan_delete,
+                   plan_delete_many)
 from .types import Capabilities, DeleteResult, Entry
 
 NETNS_DIR = "/var/run/netns"
@@ -28,8 +30,11 @@ def probe_capabilities(refresh: bool = False) -> Capabilities:
         key = os.getpid()  # a forked child probes for itself
         if refresh or key not in _probe_cache:
             caps = ll.probe()
+            nf_bpf, zoned, reason = index_mod.availability()
             _probe_cache.clear()
-            _probe_cache[key] = Capabilities(**{**caps.to_dict(), "kernel": os.uname().release})
+            _probe_cache[key] = Capabilities(**{
+                **caps.to_dict(), "kernel": os.uname().release, "netfilter_bpf": nf_bpf,
+                "zoned_kfuncs": zoned, "index_error": reason})
         caps = _probe_cache[key]
     return _apply_disabled(caps, os.environ.get(DISABLE_ENV, ""))
 
@@ -76,6 +81,14 @@ def _as_filter(f: Optional[Filter]) -> Filter:
     return f
 
 
+def _buckets() -> int:
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_buckets") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65536
+
+
 def _check_default_zone(f: Filter, allow: bool) -> None:
     if f.is_broad_on_default_zone() and not allow:
         what = "zone 0" if f.zone == 0 else "every zone, zone 0 included"
@@ -101,10 +114,14 @@ class Conntrack:
         self._restrict = capabilities
         self._lock = threading.RLock()
         self._handle: Optional[ll.Handle] = ll.Handle(self._path, netns)
+        self._zone_index: Optional[index_mod.ZoneIndex] = None
 
     # -- lifetime ----------------------------------------------------------
     def close(self) -> None:
         with self._lock:
+            if self._zone_index is not None:
+                self._zone_index.close()
+                self._zone_index = None
             if self._handle is not None:
                 self._handle.close()
                 self._handle = None
@@ -165,8 +182,12 @@ class Conntrack:
             raise InvalidFilter("delete needs a Filter (Filter() deletes everything)")
         f = _as_filter(filter)
         _check_default_zone(f, allow_default_zone)
-        plan = plan_delete(f, self.capabilities(), strategy)
-        return self._execute(plan, [f], dry_run)
+        state = self._index_state(f) if not dry_run else IndexState()
+        plan = plan_delete(f, self.capabilities(), strategy, state)
+        result = self._execute(plan, [f], dry_run)
+        if state.attached and state.dirty and plan.strategy != "index" and not dry_run:
+            self._resync(f.zone, plan)
+        return result
 
     def delete_many(self, filters: Iterable[Filter], dry_run: bool = False,
                     allow_default_zone: bool = False) -> DeleteResult:
@@ -243,6 +264,14 @@ class Conntrack:
         start = time.perf_counter()
         with self._lock:
             h = self._h()
+            if plan.strategy == "index" and not dry_run:
+                ix = self._index()
+                if ix is None:
+                    raise KernelUnsupported("the eBPF zone index was detached meanwhile")
+                r = ix.delete(h, filters[0], plan.use_zone_attr)
+                return DeleteResult(r["matched"], r["deleted"], r["already_gone"], r["failed"],
+                                    r["errno"], "index", 0, time.perf_counter() - start,
+                                    plan.reason)
             if plan.strategy == "flush" and not dry_run:
                 before = ll.table_count(h)
                 ll.flush(h, filters[0])
@@ -254,6 +283,82 @@ class Conntrack:
         return DeleteResult(r["matched"], r["deleted"], r["already_gone"], r["failed"],
                             r["errno"], plan.strategy, r["walks"],
                             time.perf_counter() - start, plan.reason)
+
+    # -- the eBPF zone index ------------------------------------------------------
+    def _index(self) -> Optional[index_mod.ZoneIndex]:
+        """The namespace's index if attached (by this or another process)."""
+        if not index_mod.is_attached(self._path):
+            if self._zone_index is not None:
+                self._zone_index.close()
+                self._zone_index = None
+            return None
+        if self._zone_index is None:
+            caps = self.capabilities()
+            if not caps.netfilter_bpf:
+                return None
+            self._zone_index = index_mod.ZoneIndex(self._path, self.netns)
+        return self._zone_index
+
+    def _index_state(self, f: Filter) -> IndexState:
+        with self._lock:
+            ix = self._index()
+            if ix is None:
+                return IndexState()
+            refusal = index_mod.index_refusal(f)
+            if refusal:
+                return IndexState(attached=True, refusal=refusal)
+            z = ix.zone(f.zone)
+            return IndexState(attached=True, refusal="", dirty=z["failed"], window=z["window"],
+                              table_slots=_buckets() + ll.table_count(self._h()))
+
+    def _resync(self, zone: int, plan: Plan) -> None:
+        with self._lock:
+            ix = self._index()
+            if ix is not None:
+                ix.resync_zone(self._h(), zone, plan.kflags)
+
+    def attach_index(self, max_records: int = 0) -> "index_mod.AttachResult":
+        """Attach the eBPF zone index to this namespace (idempotent); one walk
+        records the entries that already exist. Raises KernelUnsupported with
+        the reason where the kernel or the caller's privileges do not allow it."""
+        caps = self.capabilities()
+        if not caps.netfilter_bpf:
+            raise KernelUnsupported(f"eBPF zone index unavailable: {caps.index_error}")
+        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
+            raise InvalidFilter(f"max_records must be a non-negative int, not {max_records!r}")
+        with self._lock:
+            if self._zone_index is None:
+                self._zone_index = index_mod.ZoneIndex(self._path, self.netns, max_records)
+            return self._zone_index.attach(self._h(), _kflags(caps))
+
+    def detach_index(self) -> bool:
+        """Remove the index's hooks, maps and pins. False if none was attached."""
+        with self._lock:
+            ix = self._index()
+            if ix is None:
+                return False
+            ix.detach()
+            ix.close()
+            self._zone_index = None
+            return True
+
+    def index_status(self) -> dict:
+        with self._lock:
+            ix = self._index()
+            if ix is None:
+                caps = self.capabilities()
+                return {"attached": False, "available": caps.netfilter_bpf,
+                        "reason": caps.index_error or "not attached"}
+            return {**ix.status(), "available": True}
+
+    def index_audit(self, max_missing: int = 1000) -> dict:
+        """Walk once and list live entries the index does not hold (entries made
+        through ctnetlink or by OVS's datapath bypass the netfilter hooks)."""
+        with self._lock:
+            ix = self._index()
+            if ix is None:
+                raise KernelUnsupported("no eBPF zone index attached to this namespace")
+            return ix.audit(self._h(), max_missing)
 
     # -- creating (tests, demo, benchmarks) ------------------------------------------
     def create_many(self, count: int, *, zone: int = 0, family: str = "ipv4",

@@ -1,13 +1,55 @@
-"""eBPF zone index (pyconntrack index): placeholder until it lands."""
+"""pyconntrack index attach|detach|status|audit: the eBPF zone index."""
 from __future__ import annotations
+
+import json
+
+from .conntrack import Conntrack
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="eBPF zone index (not yet available)")
+    p = sub.add_parser(name, help="eBPF zone index: attach, detach, status, audit")
+    p.add_argument("action", choices=["attach", "detach", "status", "audit"])
+    p.add_argument("--netns", help="network namespace name (/var/run/netns) or path")
+    p.add_argument("--max-records", type=int, default=0,
+                   help="attach: record capacity (default 262144; memory ~136 B/record)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
 
 
+def _print(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str))
+        return
+    for key, value in obj.items():
+        if key == "zones":
+            print(f"{'zones':<16} {len(value)} with records")
+            for zone, z in sorted(value.items())[:50]:
+                print(f"  zone {zone:<6} records {z['records']:<8} "
+                      f"{'DIRTY (' + str(z['dirty']) + ' lost)' if z['dirty'] else ''}")
+            if len(value) > 50:
+                print(f"  ... {len(value) - 50} more (use --json)")
+        elif key == "entries":
+            for e in value[:20]:
+                print(f"  missing: {e['family']} {e['proto']} zone={e['zone']} "
+                      f"src={e['src']} dst={e['dst']} sport={e['sport']} dport={e['dport']}")
+        else:
+            print(f"{key:<16} {value}")
+
+
 def run(args) -> int:
-    from .errors import KernelUnsupported
-    raise KernelUnsupported("the eBPF zone index is not built yet")
+    with Conntrack(args.netns) as ct:
+        if args.action == "attach":
+            r = ct.attach_index(max_records=args.max_records)
+            _print({"attached": True, "already_attached": r.already_attached,
+                    "pin_dir": r.pin_dir, "seeded": r.seeded, "lost": r.lost}, args.json)
+        elif args.action == "detach":
+            _print({"detached": ct.detach_index()}, args.json)
+        elif args.action == "status":
+            _print(ct.index_status(), args.json)
+        else:
+            audit = ct.index_audit()
+            audit["entries"] = [e.to_dict() for e in audit["entries"]]
+            _print(audit, args.json)
+            if audit["missing"]:
+                return 1
+    return 0

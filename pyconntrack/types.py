@@ -86,6 +86,9 @@ class Capabilities:
     dump_filter_v6: bool = False
     dump_filter_v6_inverted: bool = False
     flush_filter: bool = False
+    netfilter_bpf: bool = False     # BPF_PROG_TYPE_NETFILTER loadable (6.4+, CAP_BPF)
+    zoned_kfuncs: bool = False      # conntrack kfuncs take a zone (6.11+)
+    index_error: str = ""           # why the eBPF zone index is unavailable
     kernel: str = ""
 
     def restrict(self, other: "Capabilities") -> "Capabilities":

@@ -1,0 +1,253 @@
+"""Benchmark workers (``python -m pyconntrack.bench_peers KIND NETNS``).
+
+``pyconntrack bench`` runs every in-process method in a worker process of its
+own, so that the worker's peak RSS is the method's own (not the harness's,
+which holds matplotlib and the table builder) and the timings exclude the
+harness's bookkeeping. A worker reads one JSON request per line on stdin and
+answers one JSON line on stdout; each request is timed inside the worker
+around the operation only.
+
+Kinds:
+
+- ``pct``: pyconntrack's public API (``Conntrack(netns)``).
+- ``peer``: enters the namespace itself (setns), then
+  - ``raw_flush``: the raw kernel zone flush, the floor of any walk-based
+    method: one IPCTNL_MSG_CT_DELETE carrying CTA_ZONE (nfgenmsg version 1,
+    family AF_UNSPEC), built here with ``struct`` on a plain netlink socket;
+    only the send and the kernel's ack are timed;
+  - ``pyroute2``: pyroute2's ``Conntrack`` dump with the kernel zone filter,
+    then one ``entry('del', tuple_orig=..., zone=Z)`` request per entry.
+    (``Conntrack.delete(entry)`` drops the zone: the kernel then looks the
+    tuple up in zone 0 and answers ENOENT; ``pitfall`` demonstrates it.)
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import socket
+import struct
+import sys
+import time
+from typing import Optional
+
+CLONE_NEWNET = 0x40000000
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_DELETE = 2
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+NLMSG_ERROR = 2
+CTA_ZONE = 18
+
+
+def enter_netns(name: str) -> None:
+    """setns(2) into /var/run/netns/NAME (Python 3.11 has no os.setns)."""
+    path = name if name.startswith("/") else os.path.join("/var/run/netns", name)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class RawFlush:
+    """One zone flush message on a plain netlink socket: the kernel's floor."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def message(self, zone: int) -> bytes:
+        self.seq += 1
+        # nfgenmsg: family AF_UNSPEC, version 1 (the kernel honours filters then), res_id 0
+        body = struct.pack("=BBH", socket.AF_UNSPEC, 1, 0)
+        body += struct.pack("=HH", 6, CTA_ZONE) + struct.pack("!H", zone) + b"\0\0"
+        hdr = struct.pack("=IHHII", 16 + len(body),
+                          (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+                          NLM_F_REQUEST | NLM_F_ACK, self.seq, 0)
+        return hdr + body
+
+    def flush(self, zone: int) -> float:
+        """Send one zone flush and wait for its ack; returns the round trip."""
+        msg = self.message(zone)
+        start = time.perf_counter()
+        self.sock.send(msg)
+        data = self.sock.recv(65536)
+        elapsed = time.perf_counter() - start
+        _length, mtype, _flags, seq, _pid = struct.unpack_from("=IHHII", data)
+        if mtype != NLMSG_ERROR or seq != self.seq:
+            raise OSError(0, f"unexpected netlink answer type {mtype} seq {seq}")
+        (error,) = struct.unpack_from("=i", data, 16)
+        if error:
+            raise OSError(-error, f"zone flush: {os.strerror(-error)}")
+        return elapsed
+
+
+class Pyroute2Cleaner:
+    """What a pyroute2 user writes: dump with zone, delete each entry with zone."""
+
+    def __init__(self) -> None:
+        from pyroute2 import Conntrack
+        # pyroute2 defaults to nfgen_family=AF_INET (IPv4 only): one socket per family
+        self.sockets = [Conntrack(nfgen_family=socket.AF_INET),
+                        Conntrack(nfgen_family=socket.AF_INET6)]
+
+    def clean(self, zone: int, pairs: Optional[set] = None) -> int:
+        deleted = 0
+        for ct in self.sockets:
+            entries = list(ct.dump_entries(zone=zone))
+            for e in entries:
+                # the kernel filtered by zone (6.8+); pyroute2 does not re-check it
+                if e.zone is not None and e.zone != zone:
+                    continue
+                if pairs is not None and (str(e.tuple_orig.saddr),
+                                          str(e.tuple_orig.daddr)) not in pairs:
+                    continue
+                ct.entry("del", tuple_orig=e.tuple_orig, zone=zone)
+                deleted += 1
+        return deleted
+
+    def pitfall(self, zone: int) -> str:
+        """Conntrack.delete(entry) on an entry of ``zone``: what happens."""
+        for ct in self.sockets:
+            for e in ct.dump_entries(zone=zone):
+                try:
+                    ct.delete(e)
+                except Exception as exc:  # NetlinkError(2) expected
+                    return f"{type(exc).__name__}: {exc}"
+                return "deleted (no pitfall on this version)"
+        return "zone empty: not checked"
+
+    def close(self) -> None:
+        for ct in self.sockets:
+            ct.close()
+
+
+def _filters(specs):
+    from .filter import Filter
+    return [Filter(**s) for s in specs]
+
+
+def serve_pct(netns: str, request: dict) -> dict:
+    global _CT
+    from .conntrack import Conntrack
+    from .filter import Filter
+    if _CT is None:
+        _CT = Conntrack(netns)
+    ct = _CT
+    op = request["op"]
+    if op == "warmup":  # the probe (a throwaway netns) must not land in a timed call
+        caps = ct.capabilities()
+        return {"table_count": ct.table_count(), "flush_zone": caps.flush_zone}
+    if op == "delete":  # one filter, one strategy
+        start = time.perf_counter()
+        r = ct.delete(Filter(**request["filter"]), strategy=request["strategy"])
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "deleted": r.deleted, "walks": r.walks,
+                "strategy": r.strategy}
+    if op == "delete_each_request":  # one delete call per filter (requests one by one)
+        walks = deleted = 0
+        start = time.perf_counter()
+        for spec in request["filters"]:
+            r = ct.delete(Filter(**spec), strategy=request["strategy"])
+            walks += r.walks
+            deleted += r.deleted
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "deleted": deleted, "walks": walks,
+                "strategy": request["strategy"]}
+    if op in ("delete_many", "delete_each"):
+        fs = _filters(request["filters"])
+        start = time.perf_counter()
+        if op == "delete_many":
+            r = ct.delete_many(fs)
+            seconds = time.perf_counter() - start
+            return {"seconds": seconds, "deleted": r.deleted, "walks": r.walks,
+                    "strategy": r.strategy}
+        rs = ct.delete_each(fs)
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "deleted": sum(r.deleted for r in rs),
+                "walks": rs[0].walks if rs else 0, "strategy": "delete_each"}
+    if op == "attach_index":  # the eBPF zone index, seeded by one walk
+        if not hasattr(ct, "attach_index"):
+            return {"attached": False, "reason": "Conntrack has no attach_index yet"}
+        start = time.perf_counter()
+        try:
+            a = ct.attach_index(max_records=request["max_records"])
+        except Exception as exc:
+            return {"attached": False, "reason": f"{type(exc).__name__}: {exc}"}
+        return {"attached": True, "seconds": time.perf_counter() - start,
+                "seeded": getattr(a, "seeded", None), "lost": getattr(a, "lost", None)}
+    if op == "detach_index":
+        return {"detached": bool(ct.detach_index()) if hasattr(ct, "detach_index") else False}
+    if op == "strategies":
+        from . import plan
+        return {"strategies": list(plan.STRATEGIES)}
+    raise ValueError(f"unknown pct op {op!r}")
+
+
+def serve_peer(request: dict) -> dict:
+    global _RAW, _P2
+    op = request["op"]
+    if op == "warmup":
+        if _RAW is None:
+            _RAW = RawFlush()
+        try:
+            if _P2 is None:
+                _P2 = Pyroute2Cleaner()
+            _P2.clean(65001)  # an empty zone: imports and sockets warmed up
+        except ImportError:
+            pass
+        return {}
+    if op == "raw_flush":
+        if _RAW is None:
+            _RAW = RawFlush()
+        seconds = sum(_RAW.flush(z) for z in request["zones"])
+        return {"seconds": seconds, "walks": len(request["zones"])}
+    if op in ("pyroute2", "pitfall"):
+        if _P2 is None:
+            _P2 = Pyroute2Cleaner()
+        if op == "pitfall":
+            return {"result": _P2.pitfall(request["zone"])}
+        pairs = request.get("pairs")
+        pairs = {tuple(p) for p in pairs} if pairs is not None else None
+        start = time.perf_counter()
+        deleted = sum(_P2.clean(z, pairs) for z in request["zones"])
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "deleted": deleted, "walks": 2 * len(request["zones"])}
+    raise ValueError(f"unknown peer op {op!r}")
+
+
+_CT = None
+_RAW: Optional[RawFlush] = None
+_P2: Optional[Pyroute2Cleaner] = None
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    kind, netns = argv
+    if kind == "peer":
+        enter_netns(netns)
+    out = sys.stdout
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            if request["op"] == "rss":
+                answer = {"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+            elif kind == "pct":
+                answer = serve_pct(netns, request)
+            else:
+                answer = serve_peer(request)
+        except Exception as exc:  # reported to the harness, which decides
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
