@@ -33,8 +33,9 @@ $(VENV)/.stamp: pyproject.toml setup.py
 
 venv: deps $(VENV)/.stamp ## Python virtualenv with the test tools
 
-build: venv ## build the cffi shim in place
+build: venv ## build the cffi shim (and its eBPF object) in place, and the traffic generator
 	$(VPY) -m pip install -q --no-build-isolation -e .
+	$(MAKE) -s -C tools
 
 test: build ## run the whole suite (kernel tests need root; scratch netns only)
 	$(VPY) -m pytest $(PYTEST_ARGS)
