@@ -16,13 +16,19 @@ KERNEL      ?= 6.12
 help: ## this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-deps: ## install missing Debian packages (needs root)
+deps: ## install missing Debian/Ubuntu packages (needs root)
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  apt-get update -qq; \
+	  avail=""; for p in $$missing; do \
+	    if apt-cache show $$p >/dev/null 2>&1; then avail="$$avail $$p"; \
+	    elif [ $$p = bpftool ]; then avail="$$avail linux-tools-common linux-tools-$$(uname -r)"; \
+	    else echo "package $$p not available here" >&2; exit 1; fi; \
+	  done; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$avail; \
 	fi
 
 $(VENV)/.stamp: pyproject.toml setup.py
@@ -46,10 +52,13 @@ demo: build ## fill a scratch netns and clean zones every way (the main job)
 vm-test: build ## run the kernel suite in qemu: make vm-test KERNEL=6.1|6.12
 	bash vagrant/qemu/vm-test.sh $(KERNEL)
 
+vm-test-all: build ## the qemu matrix: 6.1 then 6.12
+	bash vagrant/qemu/vm-test.sh 6.1 && bash vagrant/qemu/vm-test.sh 6.12
+
 vagrant-test: ## run make test in the Vagrant boxes (needs vagrant + libvirt/virtualbox)
-	cd vagrant && vagrant up --provision
+	cd vagrant && vagrant up --provision $(VAGRANT_VM)
 
 clean: ## remove build products
 	rm -rf build dist *.egg-info pyconntrack/_pct.c pyconntrack/*.so csrc/*.o pyconntrack/*.o
 
-.PHONY: help deps venv build test demo vm-test vagrant-test clean
+.PHONY: help deps venv build test demo vm-test vm-test-all vagrant-test clean

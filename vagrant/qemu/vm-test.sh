@@ -274,10 +274,9 @@ trap - ERR
 hostname pct-vm
 ip link set lo up
 ulimit -l unlimited
-for m in nf_conntrack nf_conntrack_netlink nf_tables nft_ct nf_nat nft_chain_nat \
-         nf_conntrack_bridge veth dummy; do
-    modprobe "$m" 2>/dev/null || echo "vm-init: modprobe $m failed"
-done
+# one modprobe call: each exec costs ~0.25 s under TCG
+modprobe -a nf_conntrack nf_conntrack_netlink nf_tables nft_ct nf_nat nft_chain_nat \
+    nf_conntrack_bridge veth dummy || echo "vm-init: some modules failed to load"
 echo "vm-init: kernel $(uname -r), $(nproc) cpus, modules: $(lsmod | awk 'NR>1{print $1}' | sort | tr '\n' ' ')"
 set -a; . /mnt/run/vmtest/env; set +a
 cd /project
