@@ -65,7 +65,6 @@ _EXTRA_PROTOCOLS = {
 }
 _ANY_PROTOCOL = {None, "", "any", "ip", "0", 0}
 _PORT_PROTOCOLS = {6, 17, 33, 132, 136}  # tcp udp dccp sctp udplite
-_ICMP = {1, 58}
 
 
 class ZonesExhausted(ConntrackError):
@@ -687,10 +686,12 @@ class ConntrackManager:
             release.append((key, zone))
             if whole_zone:
                 with self._zlock:
-                    sharing = sorted(k for k, z in self._zones.items() if z == zone and k not in keys)
+                    sharing = sorted(k for k, z in self._zones.items()
+                                     if z == zone and k not in keys)
                 if sharing:
-                    raise InvalidFilter(f"zone {zone} of {key} is shared with {', '.join(sharing)}: "
-                                        "whole_zone would clean their connections too")
+                    raise InvalidFilter(f"zone {zone} of {key} is shared with "
+                                        f"{', '.join(sharing)}: whole_zone would clean "
+                                        "their connections too")
                 if zone == 0:
                     raise InvalidFilter(f"{key} is in zone 0 (the host's): whole_zone refused")
                 filters.append(Filter(zone=zone, family=family, mark=mark))
@@ -792,6 +793,13 @@ class ConntrackManager:
 
     # -- worker ----------------------------------------------------------------------
     def _worker(self) -> None:
+        # probe the kernel now, off the caller's thread, not in the first cleanup
+        warm = getattr(self._ct, "capabilities", None)
+        if callable(warm):
+            try:
+                warm()
+            except Exception as exc:  # the first pass will report it
+                LOG.debug("conntrack capability probe failed: %s", exc)
         while True:
             with self._cond:
                 while (not self._queue or self._holds) and not self._closing:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import uuid
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -106,19 +107,22 @@ def _run(argv: Sequence[str], what: str, input: Optional[str] = None) -> str:
 
 class Topology:
     """Two scratch netns ("client" and "host") joined by a veth pair, with
-    per-zone destination prefixes routed client -> host -> dummy sink and an
+    per-zone destination prefixes routed client -> host -> a sink device
+    (dummy, or ifb without a qdisc, both drop) and an
     nft ruleset in the host netns setting the conntrack zone by destination
     address at prerouting and output (priority raw).
 
     ``zones``: an iterable of zone numbers (default prefixes, see
-    ``default_prefix``) or a mapping zone -> None | "v4/len" | ("v4/len" or
-    None, "v6/len" or None); a None prefix means the default (IPv4 has none
-    above zone 255).
+    ``default_prefix``) or a mapping zone -> None | "cidr" | ("v4/len" or
+    None, "v6/len" or None). A single CIDR replaces the default of its own
+    family; None means the default (IPv4 has none above zone 255, so such a
+    zone has no IPv4 prefix unless given). Prefixes must not overlap each
+    other or the veth link (10.200.0.0/24, fd00:200::/64).
     """
 
     def __init__(self, zones: ZonePrefixes = (1,), *, name_prefix: str = "pct-topo",
                  flowgen: Optional[str] = None) -> None:
-        self._prefixes: Dict[int, Dict[int, ipaddress._BaseNetwork]] = {}
+        self._prefixes: Dict[int, Dict[int, Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]] = {}
         items = zones.items() if isinstance(zones, Mapping) else ((z, None) for z in zones)
         for zone, spec in items:
             _check_zone(zone)
@@ -374,5 +378,14 @@ class Topology:
             return ct.table_count()
 
     def flush(self) -> None:
-        """Empty the host netns' conntrack table (a scratch netns: every zone)."""
-        _run(["ip", "netns", "exec", self._host, "conntrack", "-F"], "conntrack -F")
+        """Empty the host netns' conntrack table (a scratch netns: every zone):
+        ``conntrack -F`` (one message) when installed, else a pyconntrack walk."""
+        if not self._up:
+            raise TopologyError("topology is not open")
+        if shutil.which("conntrack"):
+            _run(["ip", "netns", "exec", self._host, "conntrack", "-F"], "conntrack -F")
+            return
+        from .conntrack import Conntrack
+        from .filter import Filter
+        with Conntrack(self._host) as ct:
+            ct.delete(Filter(), allow_default_zone=True)
