@@ -3,6 +3,7 @@
  * flush for kernels the probe proved safe. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <linux/netfilter/nfnetlink.h>
@@ -184,15 +185,75 @@ static void common_filter(const struct pct_filter *fs, int n, struct pct_filter 
     }
 }
 
-/* index of the first filter matching e, or -1 */
-static int first_match(const struct pct_filter *fs, int n, const struct pct_entry *e)
-{
-    int i;
+/* Many filters: group them by zone so an entry is checked only against the
+ * filters of its own zone and those without a zone, in filter order. */
+struct filter_groups {
+    int *by_zone;       /* filter indices grouped by zone, ascending within a group */
+    int *start;         /* start[z] .. start[z + 1]: zone z's group */
+    int *any;           /* filters without a zone */
+    int n_any;
+};
 
+static void groups_free(struct filter_groups *g)
+{
+    free(g->by_zone);
+    free(g->start);
+    free(g->any);
+    memset(g, 0, sizeof(*g));
+}
+
+static int groups_build(struct filter_groups *g, const struct pct_filter *fs, int n)
+{
+    int i, z, *fill;
+
+    memset(g, 0, sizeof(*g));
+    g->by_zone = malloc(n * sizeof(int));
+    g->start = calloc(65537, sizeof(int));
+    g->any = malloc(n * sizeof(int));
+    fill = calloc(65536, sizeof(int));
+    if (!g->by_zone || !g->start || !g->any || !fill) {
+        free(fill);
+        groups_free(g);
+        return -ENOMEM;
+    }
     for (i = 0; i < n; i++)
-        if (pct_match(&fs[i], e))
-            return i;
-    return -1;
+        if (fs[i].fields & PCT_F_ZONE)
+            g->start[fs[i].zone + 1]++;
+    for (z = 0; z < 65536; z++)
+        g->start[z + 1] += g->start[z];
+    for (i = 0; i < n; i++) {
+        if (fs[i].fields & PCT_F_ZONE) {
+            z = fs[i].zone;
+            g->by_zone[g->start[z] + fill[z]++] = i;
+        } else {
+            g->any[g->n_any++] = i;
+        }
+    }
+    free(fill);
+    return 0;
+}
+
+/* index of the first filter matching e, or -1 */
+static int first_match(const struct pct_filter *fs, int n, const struct filter_groups *g,
+                       const struct pct_entry *e)
+{
+    int i, best = -1;
+
+    if (!g->start) {
+        for (i = 0; i < n; i++)
+            if (pct_match(&fs[i], e))
+                return i;
+        return -1;
+    }
+    for (i = g->start[e->zone]; i < g->start[e->zone + 1]; i++)
+        if (pct_match(&fs[g->by_zone[i]], e)) {
+            best = g->by_zone[i];
+            break;
+        }
+    for (i = 0; i < g->n_any && (best < 0 || g->any[i] < best); i++)
+        if (pct_match(&fs[g->any[i]], e))
+            return g->any[i];
+    return best;
 }
 
 /* orig: the raw tuple attribute from the dump, or NULL to rebuild it */
@@ -231,20 +292,25 @@ int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int 
     const struct nlmsghdr *nlh;
     const struct nlattr *orig;
     struct pct_filter common;
+    struct filter_groups groups = {0};
     struct pct_entry e;
     int rc, err = 0;
 
     memset(res, 0, sizeof(*res));
     if (n < 1)
         return -EINVAL;
+    if (n > 8 && (rc = groups_build(&groups, filters, n)) < 0)
+        return rc;
     common_filter(filters, n, &common);
     if (n > 1)
         kflags &= ~(PCT_K_TUPLE_V4 | PCT_K_TUPLE_V6);
     if (per_filter)
         memset(per_filter, 0, sizeof(*per_filter) * n);
     rc = pct_dump_start(h, &common, kflags);
-    if (rc < 0)
+    if (rc < 0) {
+        groups_free(&groups);
         return rc;
+    }
     res->walks = 1;
     h->owners = per_filter;
     while ((rc = pct_next_msg(h, &nlh)) > 0) {
@@ -253,7 +319,7 @@ int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int 
         res->dumped++;
         if (pct_parse_entry(nlh, &e, &orig) < 0)
             continue;
-        which = first_match(filters, n, &e);
+        which = first_match(filters, n, &groups, &e);
         if (which < 0)
             continue;
         res->matched++;
@@ -276,6 +342,7 @@ int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int 
         pct_batch_flush(h, &acks);
     h->owners = NULL;
     h->owner = -1;
+    groups_free(&groups);
     fill_result(res, &acks);
     return err;
 }

@@ -201,3 +201,22 @@ def test_delete_each_reports_already_gone_per_filter(netns):
         assert r4.matched == r4.deleted + r4.already_gone and r4.failed == 0
         assert (r5.matched, r5.deleted) == (100, 100)
         assert a.count(Filter(zone=4)) == 0
+
+
+def test_many_filters_grouped_by_zone_keep_first_match_order(ct):
+    """More than 8 filters are grouped by zone in C: same answers, same
+    first-match attribution as checking every filter in order."""
+    populate(ct)
+    filters = [Filter(src="10.0.0.0/24"), Filter(zone=1, proto="udp"), Filter(zone=2),
+               Filter(zone=1), Filter(dport=53), Filter(zone=65535, family="ipv6"),
+               Filter(zone=3), Filter(zone=1, src="10.0.0.2"), Filter(addr="fd00::/16"),
+               Filter(zone=0, dst="192.0.2.1"), Filter(zone=65535), Filter(mark=1)]
+    before = table(ct)
+    claimed, expected = set(), []
+    for f in filters:
+        mine = {k for k, e in before.items() if model_match(f, e)} - claimed
+        claimed |= mine
+        expected.append(len(mine))
+    results = ct.delete_each(filters, allow_default_zone=True)
+    assert [r.deleted for r in results] == expected
+    assert set(table(ct)) == set(before) - claimed

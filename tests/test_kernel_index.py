@@ -234,3 +234,17 @@ def test_bpf_refused_gives_reason_and_rest_works(topo):
     r = run("delete", "--zone", "5", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["deleted"] == 100
+
+
+def test_index_availability_is_reported_with_reason(ct):
+    """On every kernel: the probe says whether the index can run, and why not."""
+    caps = ct.capabilities()
+    if _kernel() >= (6, 4):
+        assert caps.netfilter_bpf, caps.index_error
+        assert caps.zoned_kfuncs == (_kernel() >= (6, 11))
+    else:
+        assert not caps.netfilter_bpf and "6.4" in caps.index_error
+        with pytest.raises(KernelUnsupported, match="6.4"):
+            ct.attach_index()
+        ct.create_many(10, zone=5)
+        assert ct.delete(Filter(zone=5)).deleted == 10  # everything else still works
