@@ -9,12 +9,14 @@ from .conntrack import Conntrack, probe_capabilities
 from .errors import (ConntrackError, InvalidFilter, KernelUnsupported, NamespaceNotFound,
                      PermissionDenied)
 from .filter import Filter
+from .manager import CleanupHandle, ConntrackManager, ZonesExhausted
 from .types import Capabilities, DeleteResult, Entry
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Capabilities", "Conntrack", "ConntrackError", "DeleteResult", "Entry", "Filter",
+    "Capabilities", "CleanupHandle", "Conntrack", "ConntrackError", "ConntrackManager",
+    "DeleteResult", "Entry", "Filter", "ZonesExhausted",
     "InvalidFilter", "KernelUnsupported", "NamespaceNotFound", "PermissionDenied",
     "probe_capabilities", "__version__",
 ]
