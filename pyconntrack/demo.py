@@ -85,6 +85,19 @@ def run(entries: int = 200_000, zones: int = 1000, out: Optional[TextIO] = None,
         many = [next(zone_ids) for _ in range(10)]
         r = ct.delete_many([Filter(zone=z) for z in many])
         record("pyconntrack delete_many", many, r.deleted, r.elapsed_s, f"{r.walks} walk")
+        if caps.netfilter_bpf:
+            start = time.perf_counter()
+            attached = ct.attach_index(max_records=max(262144, int(entries * 1.25)))
+            attach_s = time.perf_counter() - start
+            try:
+                z = next(zone_ids)
+                r = ct.delete(Filter(zone=z), strategy="index")
+                record("pyconntrack index", [z], r.deleted, r.elapsed_s,
+                       f"attach + seed of {attached.seeded} took {attach_s:.2f} s")
+            finally:
+                ct.detach_index()
+        else:
+            record("pyconntrack index", [], 0, 0.0, f"unavailable: {caps.index_error}")
         z = next(zone_ids)
         before = ct.table_count()
         seconds = _conntrack_tools(ns, z)
