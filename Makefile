@@ -12,6 +12,9 @@ DEB_PACKAGES := libnetfilter-conntrack-dev libmnl-dev libbpf-dev clang llvm bpft
                 util-linux libcap2-bin libelf-dev zlib1g-dev
 PYTEST_ARGS ?=
 KERNEL      ?= 6.12
+# in the qemu guest: the kernel-backed tests (the benchmark smoke test is for the host)
+VM_PYTEST_ARGS ?= -m kernel --ignore=tests/test_bench_smoke.py tests
+export VM_PYTEST_ARGS
 
 help: ## this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
