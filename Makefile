@@ -37,7 +37,7 @@ deps: ## install missing Debian/Ubuntu packages (needs root)
 $(VENV)/.stamp: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q cffi "setuptools>=64" wheel pytest hypothesis pyroute2
+	$(VPY) -m pip install -q cffi "setuptools>=64" wheel pytest hypothesis pyroute2 matplotlib
 	touch $@
 
 venv: deps $(VENV)/.stamp ## Python virtualenv with the test tools
@@ -52,6 +52,9 @@ test: build ## run the whole suite (kernel tests need root; scratch netns only)
 demo: build ## fill a scratch netns and clean zones every way (the main job)
 	$(VENV)/bin/pyconntrack demo
 
+bench: build ## benchmarks vs peers in scratch netns (~6-15 min; restores nf_conntrack_max)
+	$(VENV)/bin/pyconntrack bench --out bench-results
+
 vm-test: build ## run the kernel suite in qemu: make vm-test KERNEL=6.1|6.12
 	bash vagrant/qemu/vm-test.sh $(KERNEL)
 
@@ -64,4 +67,4 @@ vagrant-test: ## run make test in the Vagrant boxes (needs vagrant + libvirt/vir
 clean: ## remove build products
 	rm -rf build dist *.egg-info pyconntrack/_pct.c pyconntrack/*.so csrc/*.o pyconntrack/*.o
 
-.PHONY: help deps venv build test demo vm-test vm-test-all vagrant-test clean
+.PHONY: help deps venv build test demo bench vm-test vm-test-all vagrant-test clean

@@ -486,8 +486,11 @@ int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf
 	for (slot = z.tail; slot < z.head && cnt < n; slot++) {
 		__u64 key = ((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK);
 
-		if (bpf_map_lookup_elem(fd, &key, &buf[cnt]) == 0)
-			slots[cnt++] = slot;
+		if (bpf_map_lookup_elem(fd, &key, &buf[cnt]) == 0) {
+			if (slots)
+				slots[cnt] = slot;
+			cnt++;
+		}
 		else if (errno != ENOENT)
 			return -errno;
 	}
@@ -600,23 +603,5 @@ cleanup:
 int cti_zone_records(struct cti *c, unsigned int zone, struct cti_record *buf,
 		     unsigned int n)
 {
-	struct cti_zone z;
-	unsigned long long slot;
-	unsigned int cnt = 0;
-	int fd, err;
-
-	err = cti_zone_stats(c, zone, &z);
-	if (err)
-		return err;
-	fd = bpf_map__fd(c->skel->maps.cti_records);
-	for (slot = z.tail; slot < z.head && cnt < n; slot++) {
-		__u64 key = ((__u64)zone << CTI_SLOT_BITS) |
-			    (slot & CTI_SLOT_MASK);
-
-		if (bpf_map_lookup_elem(fd, &key, &buf[cnt]) == 0)
-			cnt++;
-		else if (errno != ENOENT)
-			return -errno;
-	}
-	return (int)cnt;
+	return cti_zone_records_at(c, zone, buf, NULL, n);
 }

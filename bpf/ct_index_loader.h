@@ -72,7 +72,7 @@ long long cti_clear_dirty(struct cti *c, unsigned int zone, unsigned long long e
  * harmless. Returns how many were lost (map full: the zone is dirty). */
 long long cti_add_records(struct cti *c, unsigned int zone,
 			  const struct cti_record *recs, unsigned int n);
-/* Like cti_zone_records, with each record's slot in slots[]. */
+/* Like cti_zone_records, with each record's slot in slots[] (NULL: none). */
 int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf,
 			unsigned long long *slots, unsigned int n);
 /* Remove one record (its entry was deleted by other means). */

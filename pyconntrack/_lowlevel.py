@@ -33,26 +33,37 @@ def check(rc: int, operation: str, netns: Optional[str] = None) -> int:
     return rc
 
 
-class Handle:
+class _Owned:
+    """A C object freed by the garbage collector or, deterministically, close()."""
+
+    _obj = None
+    what = "handle"
+
+    def close(self) -> None:
+        if self._obj is not None:
+            ffi.release(self._obj)
+            self._obj = None
+
+    @property
+    def raw(self):
+        if self._obj is None:
+            raise ConntrackError(f"{self.what} is closed", None, None)
+        return self._obj
+
+
+class Handle(_Owned):
     """Two ctnetlink sockets bound in one network namespace."""
 
     def __init__(self, netns_path: Optional[str], netns_label: Optional[str]) -> None:
         out = ffi.new("struct pct_handle **")
         path = ffi.NULL if netns_path is None else netns_path.encode()
         check(lib.pct_open(path, out), "pct_open", netns_label)
-        self._h = ffi.gc(out[0], lib.pct_close)
+        self._obj = ffi.gc(out[0], lib.pct_close)
         self.netns = netns_label
 
-    def close(self) -> None:
-        if self._h is not None:
-            ffi.release(self._h)
-            self._h = None
-
     @property
-    def raw(self):
-        if self._h is None:
-            raise ConntrackError("handle is closed", None, None)
-        return self._h
+    def closed(self) -> bool:
+        return self._obj is None
 
 
 def _put_prefix(dst, net) -> None:
@@ -281,8 +292,10 @@ def index_log() -> str:
     return ffi.string(lib.cti_last_log()).decode(errors="replace").strip()
 
 
-class IndexHandle:
+class IndexHandle(_Owned):
     """The index's programs and pinned maps for one network namespace."""
+
+    what = "index handle"
 
     def __init__(self, pin_dir: str, max_records: int = 0) -> None:
         out = ffi.new("struct cti **")
@@ -293,18 +306,7 @@ class IndexHandle:
             if log:
                 err.args = (f"{err.args[0]}: {log.splitlines()[-1]}",)
             raise err
-        self._c = ffi.gc(out[0], lib.cti_close)
-
-    def close(self) -> None:
-        if self._c is not None:
-            ffi.release(self._c)
-            self._c = None
-
-    @property
-    def raw(self):
-        if self._c is None:
-            raise ConntrackError("index handle is closed")
-        return self._c
+        self._obj = ffi.gc(out[0], lib.cti_close)
 
     def attach(self, netns_fd: int) -> None:
         check(lib.cti_attach(self.raw, netns_fd), "cti_attach")

@@ -63,7 +63,7 @@ MIN_SAMPLE = 5                  # sampled series run at least this many requests
 BULK_ZONE = 65000               # zone of the one-shot bulk-create measurement
 
 DEFAULT_SIZES = [10_000, 100_000, 1_000_000]
-QUICK = dict(sizes=[5_000, 20_000], zones=256, reps=2, budget=4.0, bulk=20_000)
+QUICK = dict(sizes=[5_000, 20_000], zones=1024, reps=2, budget=4.0, bulk=20_000)
 
 SCENARIOS = {
     "zone": "one whole zone",
@@ -122,6 +122,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--progress", action="store_true", default=None,
                    help="progress bars even when stderr is not a terminal")
     p.add_argument("--json", action="store_true", help="JSON on stdout instead of markdown")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="no run: re-render markdown (and, with --out, the files) from a results.json")
     p.add_argument("--debug", action="store_true")
 
 
@@ -356,14 +358,15 @@ def _proc(argv: List[str]) -> Callable[[], tuple]:
         start = time.perf_counter()
         # fixed argv, no shell; stdout is the deleted entries, not wanted
         subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        return time.perf_counter() - start, 1
+        return time.perf_counter() - start, 1, ""
+
     return run
 
 
 def _call(worker_get: Callable[[], Worker], **request) -> Callable[[], tuple]:
     def run() -> tuple:
         a = worker_get().call(**request)
-        return a["seconds"], a.get("walks", 0)
+        return a["seconds"], a.get("walks", 0), a.get("strategy", "")
     return run
 
 
@@ -436,9 +439,9 @@ def build_methods() -> List[Method]:
         lambda b, t: [Step(_call(b.pct, op="delete_many",
                                  filters=[dict(zone=z) for z in t.zones]), zones=t.zones)],
         note="the queue coalesced: one walk")
-    add("pct-flush-100", "zones100", "pyconntrack delete per request (auto: flush)",
+    add("pct-flush-100", "zones100", "pyconntrack delete per request (flush)",
         "pyconntrack",
-        lambda b, t: [Step(_call(b.pct, op="delete", filter=dict(zone=z), strategy="auto"),
+        lambda b, t: [Step(_call(b.pct, op="delete", filter=dict(zone=z), strategy="flush"),
                            zones=[z]) for z in t.zones],
         series=True, note="one kernel flush (one walk) per request")
     add("pct-index-100", "zones100", "pyconntrack delete per request (index)", "pyconntrack",
@@ -532,10 +535,13 @@ class Bench:
         before = ct.table_count()
         budget = self.opts["budget"]
         seconds, walks, done = 0.0, 0, 0
+        strategies: set = set()
         zones: List[int] = []
         remotes: List[int] = []
         for st in steps:
-            s, w = st.run()
+            s, w, strategy = st.run()
+            if strategy:
+                strategies.add(strategy)
             seconds += s
             walks += w
             done += 1
@@ -560,13 +566,16 @@ class Bench:
             self.table.refill(ct, zones, remotes)
         return {"seconds": total, "measured_s": seconds, "walks": walks * len(steps) // done,
                 "steps_run": done, "steps": len(steps), "deleted": deleted,
-                "expected": expected}
+                "expected": expected, "strategies": sorted(strategies)}
 
     def run_size(self, size: int, first: bool) -> None:
         o = self.opts
         self.table = Table(size, o["zones"])
         self._next_zone = 0
         self.refilled = set()
+        for m in self.methods:  # failures are per table: try again on this one
+            if m.skip.startswith(("failed", "not available")):
+                m.skip = ""
         with scratch_netns.scratch("pct-bench") as ns, Conntrack(ns) as ct:
             self.ns = ns
             try:
@@ -673,6 +682,7 @@ class Bench:
             deleted=[s["deleted"] for s in samples], expected=[s["expected"] for s in samples],
             exact=all(s["deleted"] == s["expected"] for s in samples),
             steps=samples[0]["steps"],
+            strategies=sorted({x for s in samples for x in s["strategies"]}),
             steps_run=min(s["steps_run"] for s in samples),
             extrapolated=any(s["steps_run"] < s["steps"] for s in samples))
         self.rows.append(row)
@@ -860,12 +870,20 @@ def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (NullFormatter)
 
     meta = result["meta"]
     fig, axes = plt.subplots(1, len(SCENARIOS), figsize=(6.2 * len(SCENARIOS), 5.4), dpi=110)
     floor = sorted(((r["size"], r["median_s"]) for r in result["results"]
                     if r["method"] == "floor" and "median_s" in r))
-    styles = {"floor": ("black", "--"), "pyconntrack": (None, "-"), "peer": (None, ":")}
+    styles = {"floor": "--", "pyconntrack": "-", "peer": ":"}
+    palette = plt.get_cmap("tab10").colors
+    colors: Dict[str, tuple] = {}
+    family = {"pct-flush": 0, "pct-flush-100": 0, "pct-walk": 1, "pct-delete_many": 1,
+              "pct-delete_many-100": 1, "pct-delete_each": 4, "pct-index": 2,
+              "pct-index-100": 2, "conntrack-tools": 3, "conntrack-tools-100": 3,
+              "neutron": 3, "pyroute2": 5, "pyroute2-remote": 5, "pyroute2-100": 5}
+    sizes = meta["sizes"]
     for ax, (scenario, title) in zip(axes, SCENARIOS.items()):
         rows = [r for r in result["results"] if r["scenario"] == scenario and "median_s" in r]
         by: Dict[str, List[dict]] = {}
@@ -876,7 +894,9 @@ def plot(result: dict, path: str) -> None:
                     linestyle="--", marker="o", label="kernel zone flush (floor, 1 zone)")
         for mid, rs in by.items():
             rs.sort(key=lambda r: r["size"])
-            color, ls = styles.get(rs[0]["kind"], (None, "-"))
+            ls = styles.get(rs[0]["kind"], "-")
+            color = "black" if mid == "floor" else colors.setdefault(
+                mid, palette[family.get(mid, 6 + len(colors) % 4)])
             xs = [r["size"] for r in rs]
             ys = [r["median_s"] for r in rs]
             err = [[y - r["min_s"] for y, r in zip(ys, rs)],
@@ -887,13 +907,18 @@ def plot(result: dict, path: str) -> None:
                         capsize=3, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([_human(x) for x in sizes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlim(min(sizes) / 1.6, max(sizes) * 1.6)
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("entries in the table")
         ax.set_ylabel("seconds (median, min-max)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="best", framealpha=0.85)
     fig.suptitle(f"pyconntrack bench: kernel {meta['kernel']}, {meta['cpus']} cores, "
-                 f"{meta['zones']} zones, {meta['reps']} reps ({meta['date']})", fontsize=12)
+                 f"{meta['zones']} zones, median of {meta['reps']} (bars: min-max), "
+                 f"{meta['date']}; lower is better", fontsize=12)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -936,6 +961,7 @@ def _meta(opts: dict, limits: KernelLimits) -> dict:
             "restored_after_run": limits.restored(),
             "probe": {k: getattr(caps, k) for k in ("flush_zone", "dump_zone", "zones")},
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
             "quick": opts["quick"]}
 
 
@@ -958,7 +984,27 @@ def options(args) -> dict:
             "quick": q, "bulk": QUICK["bulk"] if q else 200_000}
 
 
+def _render(result: dict, args) -> None:
+    md = markdown(result)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(md)
+        if not args.no_plot:
+            plot(result, os.path.join(args.out, "results.png"))
+    print(json.dumps(result, indent=1) if args.json else md)
+
+
 def run(args) -> int:
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+        result["targets"] = evaluate_targets(result)
+        _render(result, args)
+        return 0
     methods = build_methods()
     if args.list:
         for m in methods:
@@ -1000,6 +1046,7 @@ def run(args) -> int:
     meta["restored_after_run"] = {k: _read(SYSCTL_MAX if k == "nf_conntrack_max" else HASHSIZE)
                                   for k in limits.restored()}
     meta["duration_s"] = round(time.perf_counter() - started, 1)
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     bench.finish()
     result = {"meta": meta, "results": bench.rows, "fills": bench.fills,
               "peak_rss_kb": bench.rss}
@@ -1010,15 +1057,6 @@ def run(args) -> int:
     if "pyroute2_delete_entry" in bench.extra:
         result["pyroute2_delete_entry"] = bench.extra["pyroute2_delete_entry"]
     result["targets"] = evaluate_targets(result)
-    md = markdown(result)
-    if args.out:
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(md)
-        if not args.no_plot:
-            plot(result, os.path.join(args.out, "results.png"))
-    print(json.dumps(result, indent=1) if args.json else md)
+    _render(result, args)
     sys.stderr.write(f"bench done in {meta['duration_s']} s\n")
     return 0

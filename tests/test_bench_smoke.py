@@ -1,0 +1,135 @@
+"""`pyconntrack bench --quick` end to end (scratch netns only), and the
+report builders on a synthetic result. No timing is asserted: the harness
+reports the targets as ratios, it does not gate on them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyconntrack import bench
+
+REQUIRE_KERNEL = os.environ.get("PYCONNTRACK_REQUIRE_KERNEL") == "1"
+SYSCTL_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _netns_names():
+    try:
+        return {n for n in os.listdir("/var/run/netns") if n.startswith("pct-bench")}
+    except OSError:
+        return set()
+
+
+@pytest.mark.kernel
+def test_quick_end_to_end(tmp_path):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if REQUIRE_KERNEL:
+            pytest.fail("matplotlib is needed for the bench plot")
+        pytest.skip("matplotlib not installed")
+    before_max = _read(SYSCTL_MAX)
+    before_ns = _netns_names()
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, "-m", "pyconntrack", "bench", "--quick",
+                        "--out", str(out), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout)
+
+    # the machine is left as it was
+    assert _read(SYSCTL_MAX) == before_max
+    assert _netns_names() <= before_ns
+
+    # files
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "results.png").stat().st_size > 10_000
+    assert json.loads((out / "results.json").read_text()) == result
+    md = (out / "results.md").read_text()
+    for title in bench.SCENARIOS.values():
+        assert f"**{title}**" in md
+    assert "| P1 |" in md and "| P6 |" in md
+
+    # structure
+    meta = result["meta"]
+    assert meta["quick"] is True and meta["sizes"] == bench.QUICK["sizes"]
+    assert meta["kernel"] == os.uname().release
+    rows = result["results"]
+    methods = {m.id for m in bench.build_methods()}
+    assert {r["method"] for r in rows} <= methods
+    for size in meta["sizes"]:
+        floor = [r for r in rows if r["method"] == "floor" and r["size"] == size]
+        assert len(floor) == 1 and floor[0]["median_s"] > 0
+        assert floor[0]["ratio_to_floor"] == pytest.approx(1.0)
+    measured = [r for r in rows if "median_s" in r]
+    assert {r["scenario"] for r in measured} == set(bench.SCENARIOS)
+    for r in measured:
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["reps"] >= 1 and len(r["seconds"]) == r["reps"]
+        assert r["ratio_to_floor"] > 0
+        # every measurement cleaned exactly its target and nothing else
+        assert r["exact"], r
+    for mid in ("pct-walk", "pct-flush", "pct-delete_many", "pct-delete_many-100"):
+        assert any(r["method"] == mid for r in measured), mid
+    for r in rows:
+        assert "median_s" in r or r.get("skipped")
+    assert all(r["walks"] <= 2 for r in measured if r["method"] == "pct-delete_many-100")
+    assert set(result["peak_rss_kb"]) == {str(s) for s in meta["sizes"]}
+    assert result["bulk_create"]["entries"] == bench.QUICK["bulk"]
+    assert [t["id"] for t in result["targets"]] == ["P1", "P2", "P3", "P4", "P5", "P6"]
+
+
+def _fake_result():
+    rows = []
+    for size, floor in ((10_000, 0.004), (100_000, 0.04)):
+        for mid, sc, kind, f in (("floor", "zone", "floor", 1.0), ("pct-walk", "zone", "pyconntrack", 1.05),
+                                 ("conntrack-tools", "zone", "peer", 20),
+                                 ("pct-delete_many", "remote50", "pyconntrack", 1.2),
+                                 ("neutron", "remote50", "peer", 500),
+                                 ("pct-delete_many-100", "zones100", "pyconntrack", 1.5)):
+            t = floor * f
+            rows.append({"scenario": sc, "method": mid, "label": mid, "kind": kind, "size": size,
+                         "note": "", "reps": 3, "seconds": [t, t, t], "median_s": t, "min_s": t,
+                         "max_s": t, "walks": 1, "exact": True, "extrapolated": mid == "neutron",
+                         "ratio_to_floor": f})
+    rows.append({"scenario": "zone", "method": "pct-index", "label": "index", "kind": "pyconntrack",
+                 "size": 10_000, "note": "", "skipped": "not available: test"})
+    return {"meta": {"kernel": "6.18", "cpus": 2, "zones": 4096, "reps": 3, "buckets": 262144,
+                     "sizes": [10_000, 100_000], "date": "today"},
+            "results": rows, "fills": [{"size": 10_000, "per_s": 250_000.0}],
+            "peak_rss_kb": {"100000": 50_000}, "bulk_create": {"entries": 1, "per_s": 350_000.0}}
+
+
+def test_targets_and_markdown_from_a_result():
+    result = _fake_result()
+    targets = {t["id"]: t for t in bench.evaluate_targets(result)}
+    assert targets["P1"]["verdict"].startswith("met")
+    assert targets["P2"]["verdict"] == "not measured"
+    assert targets["P3"]["verdict"] == "met"
+    assert targets["P4"]["verdict"] == "met"
+    assert targets["P5"]["verdict"].startswith("met")
+    assert targets["P6"]["verdict"] == "met"
+    result["targets"] = list(targets.values())
+    md = bench.markdown(result)
+    assert "| method | 10k | 100k |" in md
+    assert "skipped: not available: test" in md
+    assert "~" in md  # the extrapolated series is marked
+
+
+def test_sizes_parse():
+    assert bench._size("10k") == 10_000
+    assert bench._size("1M") == 1_000_000
+    assert bench._size("250000") == 250_000
+    with pytest.raises(ValueError):
+        bench._size("12 apples")
