@@ -61,6 +61,8 @@ PER_REMOTE = 2                  # entries per remote IP and direction
 MANY_ZONES = 100                # requests in the queued-requests scenario
 MIN_SAMPLE = 5                  # sampled series run at least this many requests
 BULK_ZONE = 65000               # zone of the one-shot bulk-create measurement
+FIXED_ZONE_ENTRIES = 244        # zones of this size exist at every table size: the
+FIXED_ZONES = 4                 # index's cost for the same zone, whatever the table
 
 DEFAULT_SIZES = [10_000, 100_000, 1_000_000]
 QUICK = dict(sizes=[5_000, 20_000], zones=1024, reps=2, budget=4.0, bulk=20_000)
@@ -236,13 +238,15 @@ def remote_ip(i: int) -> str:
 class Table:
     """The table of one size: what each zone holds, to fill and refill it."""
 
-    def __init__(self, size: int, zones: int) -> None:
+    def __init__(self, size: int, zones: int, fixed_zones: int = FIXED_ZONES) -> None:
         self.size = size
         self.zones = zones
         self.remote_zone = zones                      # the last zone
         self.std_zones = list(range(1, zones))        # every other zone
+        # zones of a fixed size, carved out of the table's size budget
+        self.fixed_zones = list(range(zones + 1, zones + 1 + fixed_zones))
         remote_entries = REMOTES * 2 * PER_REMOTE
-        rest = max(size - remote_entries, 0)
+        rest = max(size - remote_entries - fixed_zones * FIXED_ZONE_ENTRIES, 0)
         self.zone_specs: Dict[int, List[dict]] = {}
         n = len(self.std_zones)
         for k, z in enumerate(self.std_zones):
@@ -255,6 +259,8 @@ class Table:
                                       src=_zone_src(z, family),
                                       dport=443 if proto == "tcp" else 53))
             self.zone_specs[z] = specs
+        for z in self.fixed_zones:
+            self.zone_specs[z] = self._mix(z, FIXED_ZONE_ENTRIES)
         self.remote_specs: Dict[int, List[dict]] = {}
         for r in range(REMOTES):
             ip = remote_ip(r)
@@ -267,12 +273,23 @@ class Table:
                      dst=ip, sport=40000, dport=53),
             ]
 
+    @staticmethod
+    def _mix(z: int, total: int) -> List[dict]:
+        specs = []
+        for i, (family, proto) in enumerate(MIX):
+            c = total // len(MIX) + (1 if i < total % len(MIX) else 0)
+            if c:
+                specs.append(dict(count=c, zone=z, family=family, proto=proto,
+                                  src=_zone_src(z, family),
+                                  dport=443 if proto == "tcp" else 53))
+        return specs
+
     def entries(self, zones: Sequence[int] = (), remotes: Sequence[int] = ()) -> int:
         return (sum(s["count"] for z in zones for s in self.zone_specs[z])
                 + sum(s["count"] for r in remotes for s in self.remote_specs[r]))
 
     def all_specs(self) -> List[dict]:
-        out = [s for z in self.std_zones for s in self.zone_specs[z]]
+        out = [s for z in self.std_zones + self.fixed_zones for s in self.zone_specs[z]]
         out += [s for r in range(REMOTES) for s in self.remote_specs[r]]
         return out
 
@@ -401,6 +418,12 @@ def build_methods() -> List[Method]:
     add("pct-index", "zone", "pyconntrack delete strategy=index", "pyconntrack",
         lambda b, t: [Step(_call(b.pct, op="delete", filter=dict(zone=t.zones[0]),
                                  strategy="index"), zones=t.zones)])
+    add("pct-index-fixed", "zone",
+        f"pyconntrack delete strategy=index, zone of {FIXED_ZONE_ENTRIES} at every size",
+        "pyconntrack",
+        lambda b, t: [Step(_call(b.pct, op="delete", filter=dict(zone=t.zones[0]),
+                                 strategy="index"), zones=t.zones)],
+        note="same zone size at every table size: is the index flat in table size?")
     add("conntrack-tools", "zone", "conntrack -D -w Z", "peer",
         lambda b, t: [Step(_proc([*b.enter, "conntrack", "-D", "-w",
                                   str(t.zones[0])]), zones=t.zones)],
@@ -509,18 +532,20 @@ class Bench:
         self._next_zone = (self._next_zone + n) % len(zs)
         return out
 
-    def _fresh_zones(self, n: int) -> List[int]:
+    def _fresh_zones(self, n: int, fixed: bool = False) -> List[int]:
         """Zones never refilled in this table: the eBPF index learns entries
         from packets and from its seeding walk, not from ctnetlink creates."""
         assert self.table is not None
-        fresh = [z for z in reversed(self.table.std_zones) if z not in self.refilled]
+        pool = self.table.fixed_zones if fixed else list(reversed(self.table.std_zones))
+        fresh = [z for z in pool if z not in self.refilled]
         if len(fresh) < n:
             raise ConntrackError("no zone left that was never refilled (raise --zones)")
         return fresh[:n]
 
     def target_for(self, scenario: str, m: Optional[Method] = None) -> Target:
         if m is not None and "index" in m.id:
-            return Target(zones=self._fresh_zones(1 if scenario == "zone" else MANY_ZONES))
+            return Target(zones=self._fresh_zones(1 if scenario == "zone" else MANY_ZONES,
+                                                  fixed=m.id == "pct-index-fixed"))
         if scenario == "zone":
             return Target(zones=self._zones(1))
         if scenario == "remote50":
@@ -570,7 +595,7 @@ class Bench:
 
     def run_size(self, size: int, first: bool) -> None:
         o = self.opts
-        self.table = Table(size, o["zones"])
+        self.table = Table(size, o["zones"], fixed_zones=o["reps"] + 1)
         self._next_zone = 0
         self.refilled = set()
         for m in self.methods:  # failures are per table: try again on this one
@@ -743,10 +768,12 @@ def evaluate_targets(result: dict) -> List[dict]:
                 "measured": "; ".join(parts) or "-",
                 "verdict": verdict(oks[0] if oks else None) + f" (at {_human(big)})"})
     # P2
-    i_big = _row(rows, "pct-index", big)
+    # the same zone size at every table size (the issue's "flat in table size")
+    i_big = _row(rows, "pct-index-fixed", big) or _row(rows, "pct-index", big)
     f_big = _row(rows, "floor", big)
     below = [s for s in sizes if s < big]
-    i_prev = _row(rows, "pct-index", max(below)) if below else None
+    i_prev = (_row(rows, "pct-index-fixed", max(below)) or _row(rows, "pct-index", max(below))
+              ) if below else None
     if i_big and f_big:
         speed = f_big["median_s"] / i_big["median_s"]
         txt = f"{speed:.0f}x faster than the flush at {_human(big)}"
@@ -881,6 +908,7 @@ def plot(result: dict, path: str) -> None:
     colors: Dict[str, tuple] = {}
     family = {"pct-flush": 0, "pct-flush-100": 0, "pct-walk": 1, "pct-delete_many": 1,
               "pct-delete_many-100": 1, "pct-delete_each": 4, "pct-index": 2,
+              "pct-index-fixed": 8,
               "pct-index-100": 2, "conntrack-tools": 3, "conntrack-tools-100": 3,
               "neutron": 3, "pyroute2": 5, "pyroute2-remote": 5, "pyroute2-100": 5}
     sizes = meta["sizes"]
