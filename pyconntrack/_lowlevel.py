@@ -145,7 +145,7 @@ def dump(h: Handle, f: Filter, kflags: int) -> Iterator[Entry]:
             for i in range(n):
                 yield _entry(buf[i])
     finally:
-        if not finished and h._h is not None:
+        if not finished and not h.closed:
             lib.pct_dump_abort(h.raw)
 
 
