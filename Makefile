@@ -53,6 +53,9 @@ test: build ## run the whole suite (kernel tests need root; scratch netns only)
 demo: build ## fill a scratch netns and clean zones every way (the main job)
 	$(VENV)/bin/pyconntrack demo
 
+soak: build ## long hardening runs: fuzz 21k, minutes of 50k flows/s churn, 1M-entry RSS, valgrind
+	$(VPY) -m pytest -m soak $(PYTEST_ARGS)
+
 bench: build ## benchmarks vs peers in scratch netns (~6-15 min; restores nf_conntrack_max)
 	$(VENV)/bin/pyconntrack bench --out bench-results
 
@@ -68,4 +71,4 @@ vagrant-test: ## run make test in the Vagrant boxes (needs vagrant + libvirt/vir
 clean: ## remove build products
 	rm -rf build dist *.egg-info pyconntrack/_pct.c pyconntrack/*.so csrc/*.o pyconntrack/*.o
 
-.PHONY: help deps venv build test demo bench vm-test vm-test-all vagrant-test clean
+.PHONY: help deps venv build test demo soak bench vm-test vm-test-all vagrant-test clean

@@ -374,6 +374,7 @@ int pct_delete_entries(struct pct_handle *h, const struct pct_entry *entries, in
 int pct_flush(struct pct_handle *h, const struct pct_filter *f)
 {
     char buf[MNL_SOCKET_BUFFER_SIZE];
+    memset(buf, 0, MNL_SOCKET_BUFFER_SIZE);  /* never send uninitialised padding */
     struct nlmsghdr *nlh;
     unsigned char family = (f->fields & PCT_F_FAMILY) ? f->family : 0;
 
@@ -396,6 +397,7 @@ int pct_flush(struct pct_handle *h, const struct pct_filter *f)
 long long pct_table_count(struct pct_handle *h)
 {
     char buf[MNL_SOCKET_BUFFER_SIZE];
+    memset(buf, 0, MNL_SOCKET_BUFFER_SIZE);  /* never send uninitialised padding */
     struct nlmsghdr *nlh;
     unsigned int seq = ++h->seq;
     int fd = mnl_socket_get_fd(h->cmd_nl);

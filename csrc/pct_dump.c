@@ -11,6 +11,7 @@
 int pct_dump_start(struct pct_handle *h, const struct pct_filter *f, unsigned int kflags)
 {
     char buf[MNL_SOCKET_BUFFER_SIZE];
+    memset(buf, 0, MNL_SOCKET_BUFFER_SIZE);  /* never send uninitialised padding */
     struct nlmsghdr *nlh;
     unsigned char family = 0;
 

@@ -86,7 +86,7 @@ int pct_open(const char *netns_path, struct pct_handle **out)
     if (!h)
         return -ENOMEM;
     h->rbuf = malloc(PCT_RBUF_SIZE);
-    h->sbuf = malloc(PCT_SBUF_SIZE);
+    h->sbuf = calloc(1, PCT_SBUF_SIZE);   /* attribute padding: never uninitialised bytes */
     h->abuf = malloc(PCT_RBUF_SIZE);
     if (!h->rbuf || !h->sbuf || !h->abuf) {
         err = -ENOMEM;

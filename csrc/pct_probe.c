@@ -147,6 +147,7 @@ static void src_filter(struct pct_filter *f, int i)
 static int flush_filter_ok(struct pct_handle *h)
 {
     char buf[MNL_SOCKET_BUFFER_SIZE];
+    memset(buf, 0, MNL_SOCKET_BUFFER_SIZE);  /* never send uninitialised padding */
     struct nlmsghdr *nlh;
     struct pct_filter f;
     int rc;

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno as _errno
+import fcntl
 import ipaddress
 import os
 import re
@@ -11,7 +13,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 from . import _lowlevel as ll
 from . import index as index_mod
-from .errors import ConntrackError, InvalidFilter, KernelUnsupported, NamespaceNotFound
+from .errors import (ConntrackError, InvalidFilter, KernelUnsupported, NamespaceNotFound,
+                     PermissionDenied)
 from .filter import Filter, _family, _proto, _zone
 from .plan import (IndexState, Plan, kernel_filters as _kflags, plan_delete,
                    plan_delete_many)
@@ -81,6 +84,88 @@ def _as_filter(f: Optional[Filter]) -> Filter:
     return f
 
 
+NS_GET_NSTYPE = 0xB703        # ioctl: the namespace type of an nsfs fd (Linux 4.11+)
+CLONE_NEWNET = 0x40000000
+MAX_RESIZE_REWALKS = 3
+
+
+def _open_netns(path: str, netns: str) -> int:
+    """An fd on the namespace, so the Conntrack stays bound to the namespace it
+    opened even if the name is removed (ip netns del) or reused meanwhile.
+    O_NONBLOCK: a FIFO given as a path must not hang the caller."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise NamespaceNotFound(f"network namespace not found: {netns} ({path})", 2,
+                                "open") from None
+    except PermissionError as exc:
+        raise PermissionDenied(f"permission denied opening network namespace {netns}: "
+                               f"{exc.strerror}", exc.errno, "open") from None
+    except OSError as exc:
+        raise InvalidFilter(f"{netns!r} is not a network namespace: {exc.strerror}") from None
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        kind = -1
+    if kind != CLONE_NEWNET:
+        os.close(fd)
+        raise InvalidFilter(f"{netns!r} is not a network namespace")
+    return fd
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise InvalidFilter(f"{name} must be True or False, not {value!r}")
+
+
+def _check_entry(e) -> None:
+    """delete_entries sends these fields to the kernel: they must be what
+    dump() returns, never something a cffi conversion would choke on."""
+    def uint(name, value, hi, optional=False):
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
+            raise InvalidFilter(f"entry {name} must be an int 0..{hi}, not {value!r}")
+
+    if not isinstance(e, Entry):
+        raise InvalidFilter(f"delete_entries takes Entry objects, not {type(e).__name__}")
+    if e.family not in ("ipv4", "ipv6"):
+        raise InvalidFilter(f"entry family must be 'ipv4' or 'ipv6', not {e.family!r}")
+    version = 4 if e.family == "ipv4" else 6
+    for name in ("src", "dst"):
+        value = getattr(e, name)
+        if not isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)) \
+                or value.version != version:
+            raise InvalidFilter(f"entry {name} must be an IPv{version} address, not {value!r}")
+    uint("proto", e.proto, 255)
+    uint("zone", e.zone, 0xFFFF)
+    uint("id", e.id, 0xFFFFFFFF)
+    for name in ("sport", "dport", "icmp_id"):
+        uint(name, getattr(e, name), 0xFFFF, optional=True)
+    for name in ("icmp_type", "icmp_code"):
+        uint(name, getattr(e, name), 0xFF, optional=True)
+    if (e.sport is None) != (e.dport is None):
+        raise InvalidFilter("entry sport and dport are both set or both None")
+    if e.icmp_type is not None and (e.icmp_code is None or e.icmp_id is None):
+        raise InvalidFilter("entry icmp_type, icmp_code and icmp_id go together")
+
+
+def _merge_walks(a: dict, b: dict, dry_run: bool) -> dict:
+    """Results of a walk repeated after a table resize: a dry run counts the
+    last walk only; a real one adds up (entries the first walk saw twice come
+    back as already gone)."""
+    if dry_run:
+        return {**b, "walks": a["walks"] + b["walks"]}
+    out = dict(b)
+    for k in ("matched", "deleted", "already_gone", "failed", "walks", "dumped"):
+        out[k] = a.get(k, 0) + b.get(k, 0)
+    out["errno"] = a["errno"] or b["errno"]
+    if "per_filter" in a:
+        out["per_filter"] = [_merge_walks(pa, pb, False)
+                             for pa, pb in zip(a["per_filter"], b["per_filter"])]
+    return out
+
+
 def _buckets() -> int:
     try:
         with open("/proc/sys/net/netfilter/nf_conntrack_buckets") as f:
@@ -110,11 +195,25 @@ class Conntrack:
     def __init__(self, netns: Optional[str] = None, *,
                  capabilities: Optional[Capabilities] = None) -> None:
         self.netns = netns
-        self._path = resolve_netns(netns)
+        path = resolve_netns(netns)
+        self._nsfd = -1
+        self._path: Optional[str] = None
+        if path is not None:
+            self._nsfd = _open_netns(path, netns)
+            self._path = f"/proc/self/fd/{self._nsfd}"
         self._restrict = capabilities
         self._lock = threading.RLock()
-        self._handle: Optional[ll.Handle] = ll.Handle(self._path, netns)
         self._zone_index: Optional[index_mod.ZoneIndex] = None
+        try:
+            self._handle: Optional[ll.Handle] = ll.Handle(self._path, netns)
+        except BaseException:
+            self._close_nsfd()
+            raise
+
+    def _close_nsfd(self) -> None:
+        if self._nsfd >= 0:
+            os.close(self._nsfd)
+            self._nsfd = -1
 
     # -- lifetime ----------------------------------------------------------
     def close(self) -> None:
@@ -125,6 +224,13 @@ class Conntrack:
             if self._handle is not None:
                 self._handle.close()
                 self._handle = None
+            self._close_nsfd()
+
+    def __del__(self) -> None:
+        try:
+            self._close_nsfd()
+        except Exception:
+            pass
 
     def __enter__(self) -> "Conntrack":
         return self
@@ -150,7 +256,9 @@ class Conntrack:
         with other calls)."""
         f = _as_filter(filter)
         kflags = _kflags(self.capabilities())
-        handle = ll.Handle(self._path, self.netns)
+        with self._lock:
+            self._h()   # closed: fail here, not on a recycled fd number
+            handle = ll.Handle(self._path, self.netns)
         try:
             yield from ll.dump(handle, f, kflags)
         finally:
@@ -180,6 +288,8 @@ class Conntrack:
         """
         if filter is None:
             raise InvalidFilter("delete needs a Filter (Filter() deletes everything)")
+        _check_bool("dry_run", dry_run)
+        _check_bool("allow_default_zone", allow_default_zone)
         f = _as_filter(filter)
         _check_default_zone(f, allow_default_zone)
         state = self._index_state(f) if not dry_run else IndexState()
@@ -192,24 +302,29 @@ class Conntrack:
     def delete_many(self, filters: Iterable[Filter], dry_run: bool = False,
                     allow_default_zone: bool = False) -> DeleteResult:
         """Delete entries matching any of ``filters`` in one walk."""
+        fs, plan = self._plan_many("delete_many", filters, dry_run, allow_default_zone)
+        return self._execute(plan, fs, dry_run)
+
+    def _plan_many(self, what: str, filters: Iterable[Filter], dry_run: bool,
+                   allow_default_zone: bool) -> tuple:
+        _check_bool("dry_run", dry_run)
+        _check_bool("allow_default_zone", allow_default_zone)
         fs = [_as_filter(f) for f in filters]
+        if not fs:
+            raise InvalidFilter(f"{what} needs at least one Filter")
         for f in fs:
             _check_default_zone(f, allow_default_zone)
-        plan = plan_delete_many(fs, self.capabilities())
-        return self._execute(plan, fs, dry_run)
+        return fs, plan_delete_many(fs, self.capabilities())
 
     def delete_each(self, filters: Sequence[Filter], dry_run: bool = False,
                     allow_default_zone: bool = False) -> list:
         """Like delete_many (one walk), but one DeleteResult per filter: an
         entry matching several filters counts for the first of them. Each
         result carries the shared walk's walks and elapsed_s."""
-        fs = [_as_filter(f) for f in filters]
-        for f in fs:
-            _check_default_zone(f, allow_default_zone)
-        plan = plan_delete_many(fs, self.capabilities())
+        fs, plan = self._plan_many("delete_each", filters, dry_run, allow_default_zone)
         start = time.perf_counter()
         with self._lock:
-            r = ll.delete_walk(self._h(), fs, plan.kflags, dry_run, plan.use_zone_attr)
+            r = self._walk(self._h(), fs, plan.kflags, dry_run, plan.use_zone_attr)
         elapsed = time.perf_counter() - start
         return [DeleteResult(p["matched"], p["deleted"], p["already_gone"], p["failed"],
                              p["errno"], plan.strategy, r["walks"], elapsed, plan.reason)
@@ -218,10 +333,11 @@ class Conntrack:
     def delete_entries(self, entries: Iterable[Entry]) -> DeleteResult:
         """Delete exactly these entries (from dump()): by tuple, zone and id,
         so a newer connection reusing a tuple is never hit. No walk."""
+        if isinstance(entries, (str, bytes, Entry)) or not hasattr(entries, "__iter__"):
+            raise InvalidFilter("delete_entries takes an iterable of Entry objects")
         es = list(entries)
         for e in es:
-            if not isinstance(e, Entry):
-                raise InvalidFilter(f"delete_entries takes Entry objects, not {type(e).__name__}")
+            _check_entry(e)
         caps = self.capabilities()
         start = time.perf_counter()
         with self._lock:
@@ -274,15 +390,42 @@ class Conntrack:
                                     plan.reason)
             if plan.strategy == "flush" and not dry_run:
                 before = ll.table_count(h)
-                ll.flush(h, filters[0])
+                flushes = 0
+                for _ in range(1 + MAX_RESIZE_REWALKS):  # a resize may hide entries
+                    buckets = _buckets()
+                    ll.flush(h, filters[0])
+                    flushes += 1
+                    if _buckets() == buckets:
+                        break
                 after = ll.table_count(h)
                 gone = max(0, before - after)
-                return DeleteResult(gone, gone, 0, 0, 0, "flush", 1,
+                return DeleteResult(gone, gone, 0, 0, 0, "flush", flushes,
                                     time.perf_counter() - start, plan.reason)
-            r = ll.delete_walk(h, filters, plan.kflags, dry_run, plan.use_zone_attr)
+            r = self._walk(h, filters, plan.kflags, dry_run, plan.use_zone_attr)
+        reason = plan.reason
+        if r.get("resized"):
+            reason += f"; the table was resized during the walk: walked {r['walks']} times"
         return DeleteResult(r["matched"], r["deleted"], r["already_gone"], r["failed"],
                             r["errno"], plan.strategy, r["walks"],
-                            time.perf_counter() - start, plan.reason)
+                            time.perf_counter() - start, reason)
+
+    @staticmethod
+    def _walk(h: ll.Handle, filters: Sequence[Filter], kflags: int, dry_run: bool,
+              use_zone_attr: bool) -> dict:
+        """One walk, repeated (at most MAX_RESIZE_REWALKS times) when the
+        conntrack hash table was resized meanwhile: a dump running across a
+        resize may skip entries, and a skipped entry must not survive."""
+        buckets = _buckets()
+        r = ll.delete_walk(h, filters, kflags, dry_run, use_zone_attr)
+        for _ in range(MAX_RESIZE_REWALKS):
+            now = _buckets()
+            if now == buckets:
+                break
+            buckets = now
+            r = _merge_walks(r, ll.delete_walk(h, filters, kflags, dry_run, use_zone_attr),
+                             dry_run)
+            r["resized"] = True
+        return r
 
     # -- the eBPF zone index ------------------------------------------------------
     def _index(self) -> Optional[index_mod.ZoneIndex]:
@@ -378,6 +521,10 @@ class Conntrack:
             raise InvalidFilter(f"sport must be 1..65535, not {sport!r}")
         if isinstance(dport, bool) or not isinstance(dport, int) or not 0 <= dport <= 65535:
             raise InvalidFilter(f"dport must be 0..65535, not {dport!r}")
+        for name, value in (("mark", mark), ("timeout", timeout)):
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not 0 <= value <= 0xFFFFFFFF:
+                raise InvalidFilter(f"{name} must be an int 0..4294967295, not {value!r}")
         src = src or ("10.0.0.1" if fam == 4 else "fd00::1")
         dst = dst or ("192.0.2.1" if fam == 4 else "2001:db8::1")
         for name, value in (("src", src), ("dst", dst), ("reply_src", reply_src),

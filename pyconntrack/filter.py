@@ -29,7 +29,7 @@ def _zone(value: Any) -> int:
 
 def _family(value: Any) -> int:
     key = value.lower() if isinstance(value, str) else value
-    if isinstance(key, bool) or key not in FAMILIES:
+    if isinstance(key, bool) or not isinstance(key, (str, int)) or key not in FAMILIES:
         raise InvalidFilter(f"family must be 'ipv4' or 'ipv6', not {value!r}")
     return FAMILIES[key]
 
@@ -37,8 +37,8 @@ def _family(value: Any) -> int:
 def _proto(value: Any) -> int:
     if isinstance(value, str):
         name = value.lower()
-        if name.isdigit():
-            value = int(name)
+        if name.isascii() and name.isdigit():
+            value = int(name) if len(name) <= 3 else 256  # out of range either way
         elif name in PROTO_NUMBERS:
             return PROTO_NUMBERS[name]
         else:
