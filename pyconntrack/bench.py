@@ -250,15 +250,7 @@ class Table:
         self.zone_specs: Dict[int, List[dict]] = {}
         n = len(self.std_zones)
         for k, z in enumerate(self.std_zones):
-            share = rest // n + (1 if k < rest % n else 0)
-            specs = []
-            for i, (family, proto) in enumerate(MIX):
-                c = share // len(MIX) + (1 if i < share % len(MIX) else 0)
-                if c:
-                    specs.append(dict(count=c, zone=z, family=family, proto=proto,
-                                      src=_zone_src(z, family),
-                                      dport=443 if proto == "tcp" else 53))
-            self.zone_specs[z] = specs
+            self.zone_specs[z] = self._mix(z, rest // n + (1 if k < rest % n else 0))
         for z in self.fixed_zones:
             self.zone_specs[z] = self._mix(z, FIXED_ZONE_ENTRIES)
         self.remote_specs: Dict[int, List[dict]] = {}
