@@ -68,6 +68,11 @@ char *pct_batch_slot(struct pct_handle *h, size_t need,
 void pct_batch_commit(struct pct_handle *h, const struct nlmsghdr *nlh);
 int pct_batch_flush(struct pct_handle *h, struct pct_ack_counts *acks);
 int pct_request(struct pct_handle *h, struct nlmsghdr *nlh);
+/* queue one DELETE (orig: the dumped tuple attribute, or NULL to rebuild it) */
+int pct_queue_delete(struct pct_handle *h, const struct pct_entry *e,
+                     const struct nlattr *orig, int use_zone_attr,
+                     struct pct_ack_counts *acks);
+void pct_fill_result(struct pct_delete_result *res, const struct pct_ack_counts *acks);
 
 /* pct_netns.c */
 int pct_enter_netns(const char *path, int *saved);

@@ -145,6 +145,12 @@ long long pct_index_seed(struct pct_handle *h, struct cti *c, const struct pct_f
 int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filter *f,
                      const struct cti_filter *bf, int use_kfuncs, int use_zone_attr,
                      struct pct_delete_result *res);
+/* Many zoned filters through the index, no walk: each zone's records are read
+ * once, matched against that zone's filters (first match wins, as in a walk)
+ * and deleted with batched netlink deletes; per_filter gets each share. */
+int pct_index_delete_each(struct pct_handle *h, struct cti *c, const struct pct_filter *fs,
+                          int n, int use_kfuncs, int use_zone_attr,
+                          struct pct_delete_result *res, struct pct_delete_result *per_filter);
 long long pct_index_audit(struct pct_handle *h, struct cti *c, struct pct_entry *missing,
                           int max, unsigned long long *checked);
 

@@ -155,7 +155,7 @@ int pct_request(struct pct_handle *h, struct nlmsghdr *nlh)
     return acks.ok ? 0 : (acks.enoent ? -ENOENT : -acks.first_errno);
 }
 
-static void fill_result(struct pct_delete_result *res, const struct pct_ack_counts *acks)
+void pct_fill_result(struct pct_delete_result *res, const struct pct_ack_counts *acks)
 {
     res->deleted = acks->ok;
     res->already_gone = acks->enoent;
@@ -257,9 +257,9 @@ static int first_match(const struct pct_filter *fs, int n, const struct filter_g
 }
 
 /* orig: the raw tuple attribute from the dump, or NULL to rebuild it */
-static int queue_delete(struct pct_handle *h, const struct pct_entry *e,
-                        const struct nlattr *orig, int use_zone_attr,
-                        struct pct_ack_counts *acks)
+int pct_queue_delete(struct pct_handle *h, const struct pct_entry *e,
+                     const struct nlattr *orig, int use_zone_attr,
+                     struct pct_ack_counts *acks)
 {
     struct nlmsghdr *nlh;
     char *slot;
@@ -328,7 +328,7 @@ int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int 
         if (dry_run)
             continue;
         h->owner = which;
-        err = queue_delete(h, &e, orig, use_zone_attr, &acks);
+        err = pct_queue_delete(h, &e, orig, use_zone_attr, &acks);
         if (err)
             break;
     }
@@ -343,7 +343,7 @@ int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int 
     h->owners = NULL;
     h->owner = -1;
     groups_free(&groups);
-    fill_result(res, &acks);
+    pct_fill_result(res, &acks);
     return err;
 }
 
@@ -358,14 +358,14 @@ int pct_delete_entries(struct pct_handle *h, const struct pct_entry *entries, in
         if (entries[i].family != AF_INET && entries[i].family != AF_INET6)
             err = -EAFNOSUPPORT;
         else
-            err = queue_delete(h, &entries[i], NULL, use_zone_attr, &acks);
+            err = pct_queue_delete(h, &entries[i], NULL, use_zone_attr, &acks);
     }
     if (!err)
         err = pct_batch_flush(h, &acks);
     else
         pct_batch_flush(h, &acks);
     res->matched = n;
-    fill_result(res, &acks);
+    pct_fill_result(res, &acks);
     return err;
 }
 

@@ -222,6 +222,106 @@ out:
     return rc;
 }
 
+struct dropped {
+    unsigned int zone;
+    unsigned long long slot;
+};
+
+int pct_index_delete_each(struct pct_handle *h, struct cti *c, const struct pct_filter *fs,
+                          int n, int use_kfuncs, int use_zone_attr,
+                          struct pct_delete_result *res, struct pct_delete_result *per_filter)
+{
+    struct pct_ack_counts acks = {0};
+    struct dropped *drops = NULL;
+    size_t n_drops = 0, cap_drops = 0;
+    int *idx, i, j, err = 0;
+
+    memset(res, 0, sizeof(*res));
+    memset(per_filter, 0, sizeof(*per_filter) * n);
+    for (i = 0; i < n; i++)
+        if (!(fs[i].fields & PCT_F_ZONE))
+            return -EINVAL;
+    idx = malloc(n * sizeof(*idx));
+    if (!idx)
+        return -ENOMEM;
+    h->owners = per_filter;
+    for (i = 0; i < n && !err; i++) {
+        struct cti_record *recs;
+        unsigned long long *slots;
+        int k = 0, nrec, r;
+
+        for (j = 0; j < i && fs[j].zone != fs[i].zone; j++)
+            ;
+        if (j < i)
+            continue;   /* zone already done */
+        for (j = i; j < n; j++)
+            if (fs[j].zone == fs[i].zone)
+                idx[k++] = j;
+        nrec = zone_records(c, fs[i].zone, &recs, &slots);
+        if (nrec < 0) {
+            err = nrec;
+            break;
+        }
+        for (r = 0; r < nrec && !err; r++) {
+            struct pct_entry e;
+            int m, which = -1;
+
+            record_to_entry(&recs[r], &e);
+            for (m = 0; m < k; m++)
+                if (pct_match(&fs[idx[m]], &e)) {
+                    which = idx[m];
+                    break;
+                }
+            if (which < 0)
+                continue;
+            res->matched++;
+            per_filter[which].matched++;
+            h->owner = which;
+            err = pct_queue_delete(h, &e, NULL, use_zone_attr, &acks);
+            if (err)
+                break;
+            if (n_drops == cap_drops) {
+                struct dropped *more;
+                cap_drops = cap_drops ? 2 * cap_drops : 256;
+                more = realloc(drops, cap_drops * sizeof(*drops));
+                if (!more) {
+                    err = -ENOMEM;
+                    break;
+                }
+                drops = more;
+            }
+            drops[n_drops].zone = fs[i].zone;
+            drops[n_drops++].slot = slots[r];
+        }
+        free(recs);
+        free(slots);
+    }
+    if (!err)
+        err = pct_batch_flush(h, &acks);
+    else
+        pct_batch_flush(h, &acks);
+    h->owners = NULL;
+    h->owner = -1;
+    pct_fill_result(res, &acks);
+    /* records of entries now gone; on failures keep them all for a retry */
+    if (!err && !res->failed) {
+        size_t d;
+        for (d = 0; d < n_drops; d++)
+            cti_drop_record(c, drops[d].zone, drops[d].slot);
+        if (use_kfuncs)   /* compact the touched zones */
+            for (i = 0; i < n; i++) {
+                struct cti_reap_result pr;
+                for (j = 0; j < i && fs[j].zone != fs[i].zone; j++)
+                    ;
+                if (j == i)
+                    cti_prune_zone(c, fs[i].zone, 0, &pr);
+            }
+    }
+    free(drops);
+    free(idx);
+    return err;
+}
+
 /* ---- audit: live entries the index does not hold -------------------------- */
 
 struct rec_set {

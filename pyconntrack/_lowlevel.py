@@ -391,6 +391,19 @@ def index_delete(h: Handle, ix: IndexHandle, f: Filter, use_kfuncs: bool,
     return out
 
 
+def index_delete_each(h: Handle, ix: IndexHandle, filters: Sequence[Filter], use_kfuncs: bool,
+                      use_zone_attr: bool) -> list:
+    cfs = ffi.new("struct pct_filter[]", len(filters))
+    for i, f in enumerate(filters):
+        to_c_filter(f, cfs[i])
+    res = ffi.new("struct pct_delete_result *")
+    per = ffi.new("struct pct_delete_result[]", len(filters))
+    rc = lib.pct_index_delete_each(h.raw, ix.raw, cfs, len(filters), int(use_kfuncs),
+                                   int(use_zone_attr), res, per)
+    check(rc, "pct_index_delete_each", h.netns)
+    return [_result_dict(per[i]) for i in range(len(filters))]
+
+
 def index_audit(h: Handle, ix: IndexHandle, max_missing: int = 1000) -> tuple:
     buf = ffi.new("struct pct_entry[]", max(max_missing, 1))
     checked = ffi.new("unsigned long long *")

@@ -303,6 +303,14 @@ class Conntrack:
                     allow_default_zone: bool = False) -> DeleteResult:
         """Delete entries matching any of ``filters`` in one walk."""
         fs, plan = self._plan_many("delete_many", filters, dry_run, allow_default_zone)
+        if plan.strategy == "index":
+            results = self._index_each(plan, fs)
+            first = results[0]
+            return DeleteResult(sum(r.matched for r in results), sum(r.deleted for r in results),
+                                sum(r.already_gone for r in results),
+                                sum(r.failed for r in results),
+                                next((r.errno for r in results if r.errno), 0), "index", 0,
+                                first.elapsed_s, plan.reason)
         return self._execute(plan, fs, dry_run)
 
     def _plan_many(self, what: str, filters: Iterable[Filter], dry_run: bool,
@@ -314,7 +322,31 @@ class Conntrack:
             raise InvalidFilter(f"{what} needs at least one Filter")
         for f in fs:
             _check_default_zone(f, allow_default_zone)
-        return fs, plan_delete_many(fs, self.capabilities())
+        states = [] if dry_run else self._index_states(fs)
+        return fs, plan_delete_many(fs, self.capabilities(), states)
+
+    def _index_states(self, fs: Sequence[Filter]) -> list:
+        """The index's view of each filter (empty when no index is attached)."""
+        with self._lock:
+            if self._index() is None:
+                return []
+            by_zone: dict = {}
+            for f in fs:
+                key = (f.zone, index_mod.index_refusal(f))
+                if key not in by_zone:
+                    by_zone[key] = self._index_state(f)
+            return [by_zone[(f.zone, index_mod.index_refusal(f))] for f in fs]
+
+    def _index_each(self, plan: Plan, fs: Sequence[Filter]) -> list:
+        start = time.perf_counter()
+        with self._lock:
+            ix = self._index()
+            if ix is None:
+                raise KernelUnsupported("the eBPF zone index was detached meanwhile")
+            per = ix.delete_each(self._h(), fs, plan.use_zone_attr)
+        elapsed = time.perf_counter() - start
+        return [DeleteResult(p["matched"], p["deleted"], p["already_gone"], p["failed"],
+                             p["errno"], "index", 0, elapsed, plan.reason) for p in per]
 
     def delete_each(self, filters: Sequence[Filter], dry_run: bool = False,
                     allow_default_zone: bool = False) -> list:
@@ -322,6 +354,8 @@ class Conntrack:
         entry matching several filters counts for the first of them. Each
         result carries the shared walk's walks and elapsed_s."""
         fs, plan = self._plan_many("delete_each", filters, dry_run, allow_default_zone)
+        if plan.strategy == "index":
+            return self._index_each(plan, fs)
         start = time.perf_counter()
         with self._lock:
             r = self._walk(self._h(), fs, plan.kflags, dry_run, plan.use_zone_attr)

@@ -175,6 +175,11 @@ class ZoneIndex:
         with self._lock:  # one reaper per zone at a time
             return ll.index_delete(handle, self._ix, f, self.zoned_kfuncs, use_zone_attr)
 
+    def delete_each(self, handle: "ll.Handle", fs, use_zone_attr: bool) -> list:
+        """Many zoned filters, no walk: a result per filter (first match wins)."""
+        with self._lock:
+            return ll.index_delete_each(handle, self._ix, fs, self.zoned_kfuncs, use_zone_attr)
+
     def resync_zone(self, handle: "ll.Handle", zone: int, kflags: int) -> bool:
         """After a fallback walk: record the zone's live entries again and
         clear its dirty mark, unless more records were lost meanwhile."""

@@ -116,9 +116,28 @@ def plan_delete(f: Filter, caps: Capabilities, strategy: str = "auto",
     return Plan("walk", kflags, use_zone, f"{prefix}walk: {refusal}")
 
 
-def plan_delete_many(filters: Sequence[Filter], caps: Capabilities) -> Plan:
+def plan_delete_many(filters: Sequence[Filter], caps: Capabilities,
+                     index: Sequence[IndexState] = ()) -> Plan:
+    """One walk for all filters, or, when the index holds every filter's zone
+    (clean) and reading those zones costs less than a walk, index lookups."""
     if not filters:
         raise InvalidFilter("delete_many needs at least one filter")
     use_zone = caps.zones or not caps.probed
-    return Plan("walk", kernel_filters(caps), use_zone,
-                f"one walk for {len(filters)} filters")
+    kflags = kernel_filters(caps)
+    walk = Plan("walk", kflags, use_zone, f"one walk for {len(filters)} filters")
+    if not index or len(index) != len(filters) or not index[0].attached:
+        return walk
+    blocked = next((st.why_not() for st in index if not st.usable), "")
+    if blocked:
+        return dataclasses.replace(walk, reason=f"{blocked}; {walk.reason}")
+    windows = {f.zone: st.window for f, st in zip(filters, index)}
+    total = sum(windows.values())
+    cost = IndexState(attached=True, refusal="", window=total,
+                      table_slots=index[0].table_slots)
+    if not cost.cheaper_than_walk():
+        return dataclasses.replace(
+            walk, reason=f"index: {total} records in {len(windows)} zones cost more than a walk; "
+                         f"{walk.reason}")
+    return Plan("index", kflags, use_zone,
+                f"index: {total} records in {len(windows)} zones vs a walk of "
+                f"{index[0].table_slots}")
