@@ -164,11 +164,12 @@ def serve_pct(netns: str, request: dict) -> dict:
         fs = _filters(request["filters"])
         start = time.perf_counter()
         if op == "delete_many":
-            r = ct.delete_many(fs)
+            # the walk: refills come through ctnetlink, which the index does not see
+            r = ct.delete_many(fs, strategy="walk")
             seconds = time.perf_counter() - start
             return {"seconds": seconds, "deleted": r.deleted, "walks": r.walks,
                     "strategy": r.strategy}
-        rs = ct.delete_each(fs)
+        rs = ct.delete_each(fs, strategy="walk")
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "deleted": sum(r.deleted for r in rs),
                 "walks": rs[0].walks if rs else 0, "strategy": "delete_each"}

@@ -300,9 +300,12 @@ class Conntrack:
         return result
 
     def delete_many(self, filters: Iterable[Filter], dry_run: bool = False,
-                    allow_default_zone: bool = False) -> DeleteResult:
-        """Delete entries matching any of ``filters`` in one walk."""
-        fs, plan = self._plan_many("delete_many", filters, dry_run, allow_default_zone)
+                    allow_default_zone: bool = False, strategy: str = "auto") -> DeleteResult:
+        """Delete entries matching any of ``filters`` in one walk, or with the
+        eBPF zone index when attached and cheaper (``strategy``: auto, walk,
+        index)."""
+        fs, plan = self._plan_many("delete_many", filters, dry_run, allow_default_zone,
+                                   strategy)
         if plan.strategy == "index":
             results = self._index_each(plan, fs)
             first = results[0]
@@ -314,16 +317,21 @@ class Conntrack:
         return self._execute(plan, fs, dry_run)
 
     def _plan_many(self, what: str, filters: Iterable[Filter], dry_run: bool,
-                   allow_default_zone: bool) -> tuple:
+                   allow_default_zone: bool, strategy: str = "auto") -> tuple:
         _check_bool("dry_run", dry_run)
         _check_bool("allow_default_zone", allow_default_zone)
+        if strategy not in ("auto", "walk", "index"):
+            raise InvalidFilter(f"{what} strategy must be auto, walk or index, not {strategy!r}")
         fs = [_as_filter(f) for f in filters]
         if not fs:
             raise InvalidFilter(f"{what} needs at least one Filter")
         for f in fs:
             _check_default_zone(f, allow_default_zone)
-        states = [] if dry_run else self._index_states(fs)
-        return fs, plan_delete_many(fs, self.capabilities(), states)
+        states = [] if dry_run or strategy == "walk" else self._index_states(fs)
+        plan = plan_delete_many(fs, self.capabilities(), states)
+        if strategy == "index" and plan.strategy != "index":
+            raise KernelUnsupported(f"strategy index refused: {plan.reason}")
+        return fs, plan
 
     def _index_states(self, fs: Sequence[Filter]) -> list:
         """The index's view of each filter (empty when no index is attached)."""
@@ -349,11 +357,12 @@ class Conntrack:
                              p["errno"], "index", 0, elapsed, plan.reason) for p in per]
 
     def delete_each(self, filters: Sequence[Filter], dry_run: bool = False,
-                    allow_default_zone: bool = False) -> list:
+                    allow_default_zone: bool = False, strategy: str = "auto") -> list:
         """Like delete_many (one walk), but one DeleteResult per filter: an
         entry matching several filters counts for the first of them. Each
         result carries the shared walk's walks and elapsed_s."""
-        fs, plan = self._plan_many("delete_each", filters, dry_run, allow_default_zone)
+        fs, plan = self._plan_many("delete_each", filters, dry_run, allow_default_zone,
+                                   strategy)
         if plan.strategy == "index":
             return self._index_each(plan, fs)
         start = time.perf_counter()
