@@ -199,8 +199,12 @@ def test_delete_each_reports_already_gone_per_filter(netns):
         r4, r5 = a.delete_each([Filter(zone=4), Filter(zone=5)])
         t.join()
         assert r4.matched == r4.deleted + r4.already_gone and r4.failed == 0
-        assert (r5.matched, r5.deleted) == (100, 100)
-        assert a.count(Filter(zone=4)) == 0
+        # older kernels (seen on 6.1) may hand a dump the same entry twice while
+        # another socket deletes in the table: the repeat comes back as
+        # already gone, never as a second deletion
+        assert r5.deleted == 100 and r5.failed == 0
+        assert r5.matched == r5.deleted + r5.already_gone
+        assert a.count(Filter(zone=4)) == 0 and a.count(Filter(zone=5)) == 0
 
 
 def test_many_filters_grouped_by_zone_keep_first_match_order(ct):
