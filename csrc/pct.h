@@ -73,6 +73,8 @@ int pct_queue_delete(struct pct_handle *h, const struct pct_entry *e,
                      const struct nlattr *orig, int use_zone_attr,
                      struct pct_ack_counts *acks);
 void pct_fill_result(struct pct_delete_result *res, const struct pct_ack_counts *acks);
+int pct_batch_finish(struct pct_handle *h, struct pct_ack_counts *acks, int err,
+                     struct pct_delete_result *res);
 
 /* pct_netns.c */
 int pct_enter_netns(const char *path, int *saved);

@@ -155,6 +155,19 @@ int pct_request(struct pct_handle *h, struct nlmsghdr *nlh)
     return acks.ok ? 0 : (acks.enoent ? -ENOENT : -acks.first_errno);
 }
 
+/* Send what is still queued (after an error too: those requests count),
+ * end per-filter accounting and fill res; returns err, else the send's. */
+int pct_batch_finish(struct pct_handle *h, struct pct_ack_counts *acks, int err,
+                     struct pct_delete_result *res)
+{
+    int rc = pct_batch_flush(h, acks);
+
+    h->owners = NULL;
+    h->owner = -1;
+    pct_fill_result(res, acks);
+    return err ? err : rc;
+}
+
 void pct_fill_result(struct pct_delete_result *res, const struct pct_ack_counts *acks)
 {
     res->deleted = acks->ok;
@@ -336,15 +349,8 @@ int pct_delete_walk(struct pct_handle *h, const struct pct_filter *filters, int 
         pct_dump_abort(h);
     else if (rc < 0)
         err = rc;
-    if (!err)
-        err = pct_batch_flush(h, &acks);
-    else
-        pct_batch_flush(h, &acks);
-    h->owners = NULL;
-    h->owner = -1;
     groups_free(&groups);
-    pct_fill_result(res, &acks);
-    return err;
+    return pct_batch_finish(h, &acks, err, res);
 }
 
 int pct_delete_entries(struct pct_handle *h, const struct pct_entry *entries, int n,
@@ -360,12 +366,8 @@ int pct_delete_entries(struct pct_handle *h, const struct pct_entry *entries, in
         else
             err = pct_queue_delete(h, &entries[i], NULL, use_zone_attr, &acks);
     }
-    if (!err)
-        err = pct_batch_flush(h, &acks);
-    else
-        pct_batch_flush(h, &acks);
+    err = pct_batch_finish(h, &acks, err, res);
     res->matched = n;
-    pct_fill_result(res, &acks);
     return err;
 }
 

@@ -296,13 +296,7 @@ int pct_index_delete_each(struct pct_handle *h, struct cti *c, const struct pct_
         free(recs);
         free(slots);
     }
-    if (!err)
-        err = pct_batch_flush(h, &acks);
-    else
-        pct_batch_flush(h, &acks);
-    h->owners = NULL;
-    h->owner = -1;
-    pct_fill_result(res, &acks);
+    err = pct_batch_finish(h, &acks, err, res);
     /* records of entries now gone; on failures keep them all for a retry */
     if (!err && !res->failed) {
         size_t d;
