@@ -232,6 +232,7 @@ def _zone_src(zone: int, family: str) -> str:
 
 
 def remote_ip(i: int) -> str:
+    i %= REMOTES   # remotes REMOTES.. are the same IPs in the index's copy of the zone
     return f"198.18.{i // 250}.{i % 250 + 1}"
 
 
@@ -245,7 +246,10 @@ class Table:
         self.std_zones = list(range(1, zones))        # every other zone
         # zones of a fixed size, carved out of the table's size budget
         self.fixed_zones = list(range(zones + 1, zones + 1 + fixed_zones))
-        remote_entries = REMOTES * 2 * PER_REMOTE
+        # a copy of the remote-IP zone for the index method: remotes
+        # REMOTES..2*REMOTES-1 live there, so its targets are never refilled ones
+        self.remote_ix_zone = zones + 1 + fixed_zones
+        remote_entries = 2 * REMOTES * 2 * PER_REMOTE
         rest = max(size - remote_entries - fixed_zones * FIXED_ZONE_ENTRIES, 0)
         self.zone_specs: Dict[int, List[dict]] = {}
         n = len(self.std_zones)
@@ -254,16 +258,20 @@ class Table:
         for z in self.fixed_zones:
             self.zone_specs[z] = self._mix(z, FIXED_ZONE_ENTRIES)
         self.remote_specs: Dict[int, List[dict]] = {}
-        for r in range(REMOTES):
+        for r in range(2 * REMOTES):
             ip = remote_ip(r)
+            rz = self.zone_of_remote(r)
             self.remote_specs[r] = [
                 # ingress: the remote connects to the device
-                dict(count=PER_REMOTE, zone=self.remote_zone, proto="tcp", src=ip,
+                dict(count=PER_REMOTE, zone=rz, proto="tcp", src=ip,
                      dst=DEVICE_IP, sport=40000, dport=22),
                 # egress: the device connects to the remote
-                dict(count=PER_REMOTE, zone=self.remote_zone, proto="udp", src=DEVICE_IP,
+                dict(count=PER_REMOTE, zone=rz, proto="udp", src=DEVICE_IP,
                      dst=ip, sport=40000, dport=53),
             ]
+
+    def zone_of_remote(self, r: int) -> int:
+        return self.remote_zone if r < REMOTES else self.remote_ix_zone
 
     @staticmethod
     def _mix(z: int, total: int) -> List[dict]:
@@ -282,7 +290,7 @@ class Table:
 
     def all_specs(self) -> List[dict]:
         out = [s for z in self.std_zones + self.fixed_zones for s in self.zone_specs[z]]
-        out += [s for r in range(REMOTES) for s in self.remote_specs[r]]
+        out += [s for r in range(2 * REMOTES) for s in self.remote_specs[r]]
         return out
 
     def fill(self, netns: str, progress: Progress) -> int:
@@ -435,6 +443,12 @@ def build_methods() -> List[Method]:
                                  filters=_remote_filters(b.table.remote_zone, t.remotes)),
                            remotes=t.remotes)],
         note="one walk, a result per filter")
+    add("pct-delete_each-index", "remote50", "pyconntrack delete_each (100 filters), index",
+        "pyconntrack",
+        lambda b, t: [Step(_call(b.pct, op="delete_each", strategy="index",
+                                 filters=_remote_filters(b.table.remote_ix_zone, t.remotes)),
+                           remotes=t.remotes)],
+        note="the eBPF zone index: the zone's records read once, no walk")
     add("neutron", "remote50", "Neutron: conntrack -D per IP and direction", "peer",
         lambda b, t: [Step(_proc([*b.enter, "conntrack", "-D", "-f", "ipv4",
                                   flag_dev, DEVICE_IP, "-w", str(b.table.remote_zone),
@@ -535,6 +549,11 @@ class Bench:
         return fresh[:n]
 
     def target_for(self, scenario: str, m: Optional[Method] = None) -> Target:
+        if m is not None and m.id == "pct-delete_each-index":
+            fresh = [r for r in range(REMOTES, 2 * REMOTES) if r not in self.used_remotes]
+            if len(fresh) < TARGET_REMOTES:
+                raise ConntrackError("no remote IPs left that were never refilled (fewer --reps)")
+            return Target(remotes=fresh[:TARGET_REMOTES])
         if m is not None and "index" in m.id:
             return Target(zones=self._fresh_zones(1 if scenario == "zone" else MANY_ZONES,
                                                   fixed=m.id == "pct-index-fixed"))
@@ -573,11 +592,13 @@ class Bench:
         deleted = before - after
         total = seconds * len(steps) / done
         self.refilled.update(zones)
+        self.used_remotes.update(remotes)
         if deleted == expected:
             self.table.refill(ct, zones, remotes)
         else:  # put the table back exactly: empty the targets, then refill
             fs = [Filter(zone=z) for z in zones]
-            fs += [Filter(zone=self.table.remote_zone, src=s, dst=d) for s, d in _pairs(remotes)]
+            fs += [Filter(zone=self.table.zone_of_remote(r), src=s, dst=d)
+                   for r in remotes for s, d in _pairs([r])]
             if fs:
                 ct.delete_many(fs)
             self.table.refill(ct, zones, remotes)
@@ -590,6 +611,7 @@ class Bench:
         self.table = Table(size, o["zones"], fixed_zones=o["reps"] + 1)
         self._next_zone = 0
         self.refilled = set()
+        self.used_remotes: set = set()
         for m in self.methods:  # failures are per table: try again on this one
             if m.skip.startswith(("failed", "not available")):
                 m.skip = ""
@@ -900,7 +922,7 @@ def plot(result: dict, path: str) -> None:
     colors: Dict[str, tuple] = {}
     family = {"pct-flush": 0, "pct-flush-100": 0, "pct-walk": 1, "pct-delete_many": 1,
               "pct-delete_many-100": 1, "pct-delete_each": 4, "pct-index": 2,
-              "pct-index-fixed": 8,
+              "pct-index-fixed": 8, "pct-delete_each-index": 2,
               "pct-index-100": 2, "conntrack-tools": 3, "conntrack-tools-100": 3,
               "neutron": 3, "pyroute2": 5, "pyroute2-remote": 5, "pyroute2-100": 5}
     sizes = meta["sizes"]

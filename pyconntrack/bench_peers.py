@@ -165,14 +165,15 @@ def serve_pct(netns: str, request: dict) -> dict:
         start = time.perf_counter()
         if op == "delete_many":
             # the walk: refills come through ctnetlink, which the index does not see
-            r = ct.delete_many(fs, strategy="walk")
+            r = ct.delete_many(fs, strategy=request.get("strategy", "walk"))
             seconds = time.perf_counter() - start
             return {"seconds": seconds, "deleted": r.deleted, "walks": r.walks,
                     "strategy": r.strategy}
-        rs = ct.delete_each(fs, strategy="walk")
+        rs = ct.delete_each(fs, strategy=request.get("strategy", "walk"))
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "deleted": sum(r.deleted for r in rs),
-                "walks": rs[0].walks if rs else 0, "strategy": "delete_each"}
+                "walks": rs[0].walks if rs else 0,
+                "strategy": rs[0].strategy if rs else "delete_each"}
     if op == "attach_index":  # the eBPF zone index, seeded by one walk
         if not hasattr(ct, "attach_index"):
             return {"attached": False, "reason": "Conntrack has no attach_index yet"}
