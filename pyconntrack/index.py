@@ -124,14 +124,23 @@ class ZoneIndex:
         recorded too (records are idempotent: duplicates are harmless)."""
         if is_attached(self.netns_path):
             return AttachResult(self.dir, 0, 0, True)
-        self._set_netns(attach=True)
-        seeded, lost = ll.index_seed(handle, self._ix, Filter(), kflags)
+        try:
+            self._set_netns(attach=True)
+            seeded, lost = ll.index_seed(handle, self._ix, Filter(), kflags)
+        except BaseException:
+            self.detach()  # a failed attach leaves no links, maps or directories
+            raise
         return AttachResult(self.dir, seeded, lost, False)
 
     def detach(self) -> None:
-        """Remove the links, the maps and the pin directory: nothing is left."""
+        """Remove the links, the maps and the pin directories: nothing is left
+        (the shared root stays while other namespaces have an index)."""
         self._ix.detach()
         self._ix.unpin()
+        try:
+            os.rmdir(PIN_ROOT)
+        except OSError:
+            pass  # not empty: another namespace's index lives there
 
     # -- reading ---------------------------------------------------------------
     def zone(self, zone: int) -> dict:

@@ -38,6 +38,30 @@ def _kernel_gate(request):
         pytest.skip(f"kernel tests need: {_REASON}")
 
 
+_PIN_ROOT = "/sys/fs/bpf/pyconntrack"
+
+
+def _pins() -> set:
+    try:
+        return set(os.listdir(_PIN_ROOT))
+    except OSError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def _no_pins_left_behind(request):
+    """A test that attaches the eBPF index must detach it: pinned links
+    outlive their namespace and would keep hooks and maps alive."""
+    if _REASON:
+        yield
+        return
+    root_existed, before = os.path.isdir(_PIN_ROOT), _pins()
+    yield
+    leaked = _pins() - before
+    assert not leaked, f"pinned BPF objects left under {_PIN_ROOT}: {sorted(leaked)}"
+    assert root_existed or not os.path.isdir(_PIN_ROOT), f"{_PIN_ROOT} left behind"
+
+
 @pytest.fixture
 def netns():
     from pyconntrack import netns as scratch
