@@ -174,6 +174,13 @@ int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filte
         res->failed += rr.errors;
         if (rr.errors)
             res->first_errno = EIO;
+        /* the reaper counts every record its filter matched that the kfuncs
+         * cannot look up (a superset of the exact matches): none, nothing left
+         * to do, and no second pass over the zone */
+        if (!rr.unsupported) {
+            res->matched = res->deleted + res->already_gone + res->failed;
+            return 0;
+        }
     }
     /* the rest: protocols the kfuncs cannot look up (or every protocol on
      * kernels without zoned kfuncs) go through batched netlink deletes */

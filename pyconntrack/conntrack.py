@@ -384,7 +384,7 @@ class Conntrack:
         caps = self.capabilities()
         start = time.perf_counter()
         with self._lock:
-            r = ll.delete_entries(self._h(), es, caps.zones or not caps.probed)
+            r = ll.delete_entries(self._h(), es, caps.send_zone)
         return DeleteResult(r["matched"], r["deleted"], r["already_gone"], r["failed"],
                             r["errno"], "entries", 0, time.perf_counter() - start, "given entries")
 
@@ -582,7 +582,7 @@ class Conntrack:
         caps = self.capabilities()
         spec = dict(family=fam, proto=p, zone=z, src=src, dst=dst, sport_base=sport,
                     dport=dport, mark=mark, timeout=timeout, reply_src=reply_src,
-                    reply_dst=reply_dst, use_zone=caps.zones or not caps.probed)
+                    reply_dst=reply_dst, use_zone=caps.send_zone)
         created, failed, first = self._create_parallel(spec, count)
         if failed:
             reason = f": {os.strerror(first)}" if first else ""

@@ -87,7 +87,7 @@ def plan_delete(f: Filter, caps: Capabilities, strategy: str = "auto",
                 index: IndexState = IndexState()) -> Plan:
     if strategy not in STRATEGIES:
         raise InvalidFilter(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
-    use_zone = caps.zones or not caps.probed
+    use_zone = caps.send_zone
     kflags = kernel_filters(caps)
     if strategy == "index":
         if not index.usable:
@@ -122,7 +122,7 @@ def plan_delete_many(filters: Sequence[Filter], caps: Capabilities,
     (clean) and reading those zones costs less than a walk, index lookups."""
     if not filters:
         raise InvalidFilter("delete_many needs at least one filter")
-    use_zone = caps.zones or not caps.probed
+    use_zone = caps.send_zone
     kflags = kernel_filters(caps)
     walk = Plan("walk", kflags, use_zone, f"one walk for {len(filters)} filters")
     if not index or len(index) != len(filters) or not index[0].attached:

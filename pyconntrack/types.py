@@ -91,6 +91,12 @@ class Capabilities:
     index_error: str = ""           # why the eBPF zone index is unavailable
     kernel: str = ""
 
+    @property
+    def send_zone(self) -> bool:
+        """Put CTA_ZONE in requests: the kernel has zones, or nobody knows
+        (unprobed: a kernel without zones answers EOPNOTSUPP, loudly)."""
+        return self.zones or not self.probed
+
     def restrict(self, other: "Capabilities") -> "Capabilities":
         """Only what both allow: a caller can lower, never raise, capabilities."""
         fields = {}
