@@ -49,7 +49,7 @@ def _proto(value: Any) -> int:
     return value
 
 
-def _network(name: str, value: Any) -> Network:
+def _network(name: str, value: Any, strict: bool = True) -> Network:
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return ipaddress.ip_network(value)
     if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
@@ -58,7 +58,7 @@ def _network(name: str, value: Any) -> Network:
         raise InvalidFilter(f"{name} must be an IP address or CIDR string, not {value!r}")
     try:
         # strict: 10.0.0.1/8 is almost always a typo for 10.0.0.0/8 or 10.0.0.1
-        return ipaddress.ip_network(value.strip(), strict=True)
+        return ipaddress.ip_network(value.strip(), strict=strict)
     except ValueError as exc:
         raise InvalidFilter(f"{name}: invalid IP address or CIDR {value!r}: {exc}") from None
 

@@ -44,7 +44,7 @@ from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Opti
 
 from .conntrack import Conntrack
 from .errors import ConntrackError, InvalidFilter
-from .filter import Filter
+from .filter import Filter, _network
 from .types import Capabilities, DeleteResult, PROTO_NUMBERS
 
 LOG = logging.getLogger(__name__)
@@ -155,21 +155,12 @@ def _family_of(ethertype: Any) -> int:
 
 
 def _net(value: Any, what: str) -> Network:
-    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-        return value
-    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        return ipaddress.ip_network(value)
     if isinstance(value, Mapping):  # {"ip_address": ...} (API port / address pair)
         value = value.get("ip_address")
     elif isinstance(value, (tuple, list)) and value:  # (ip, mac) as in sg_members
         value = value[0]
-    if not isinstance(value, str):
-        raise InvalidFilter(f"{what}: expected an IP address or CIDR, not {value!r}")
-    try:
-        # like `conntrack -s 10.0.0.5/24` (and netaddr in Neutron): host bits ignored
-        return ipaddress.ip_network(value.strip(), strict=False)
-    except ValueError as exc:
-        raise InvalidFilter(f"{what}: invalid IP address or CIDR {value!r}: {exc}") from None
+    # like `conntrack -s 10.0.0.5/24` (and netaddr in Neutron): host bits ignored
+    return _network(what, value, strict=False)
 
 
 def _as_port(device: Any) -> Port:
