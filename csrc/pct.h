@@ -54,6 +54,7 @@ void pct_put_kernel_filter(struct nlmsghdr *nlh, const struct pct_filter *f,
                            unsigned int kflags);
 int pct_addr_len(unsigned char family);
 void pct_put_tuple(struct nlmsghdr *nlh, unsigned int type, const struct pct_entry *e);
+void pct_put_reply_tuple(struct nlmsghdr *nlh, const struct pct_entry *e);
 
 /* pct_dump.c */
 int pct_next_msg(struct pct_handle *h, const struct nlmsghdr **out);

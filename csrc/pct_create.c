@@ -76,7 +76,12 @@ static void set_entry(struct nf_conntrack *ct, const struct pct_create_spec *s,
     nfct_set_attr_u32(ct, ATTR_TIMEOUT, s->timeout);
     if (s->mark)
         nfct_set_attr_u32(ct, ATTR_MARK, s->mark);
-    if (s->use_zone)
+    /* a zone for one direction goes inside that direction's tuple */
+    if (s->use_zone && s->zone_dir == PCT_ZONE_ORIG)
+        nfct_set_attr_u16(ct, ATTR_ORIG_ZONE, s->zone);
+    else if (s->use_zone && s->zone_dir == PCT_ZONE_REPLY)
+        nfct_set_attr_u16(ct, ATTR_REPL_ZONE, s->zone);
+    else if (s->use_zone)
         nfct_set_attr_u16(ct, ATTR_ZONE, s->zone);
 }
 

@@ -3,7 +3,7 @@
  * conditionals here (cffi rejects them), only plain C types.
  * Every function returns 0, a count, or -errno. Nothing prints. */
 
-#define PCT_ABI_VERSION 1
+#define PCT_ABI_VERSION 2
 
 /* Filter fields (struct pct_filter.fields). */
 #define PCT_F_ZONE       0x0001
@@ -17,6 +17,14 @@
 #define PCT_F_SPORT      0x0100
 #define PCT_F_DPORT      0x0200
 #define PCT_F_MARK       0x0400
+#define PCT_F_ZONE_DIR   0x0800   /* the zone's direction too (needs PCT_F_ZONE) */
+
+/* Which directions an entry's zone applies to (struct pct_entry.zone_dir).
+ * 0 is both: what the kernel means by a plain zone, and what a zeroed entry
+ * (e.g. rebuilt from an index record) says. */
+#define PCT_ZONE_BOTH    0
+#define PCT_ZONE_ORIG    1
+#define PCT_ZONE_REPLY   2
 
 /* Which kernel-side filters a dump may use (the probe decides). */
 #define PCT_K_FAMILY     0x01
@@ -36,6 +44,7 @@ struct pct_filter {
     unsigned short zone;
     unsigned char family;     /* AF_INET (2) or AF_INET6 (10) */
     unsigned char proto;
+    unsigned char zone_dir;   /* PCT_ZONE_*, with PCT_F_ZONE_DIR */
     struct pct_prefix src, dst, addr, reply_src, reply_dst;
     unsigned short sport_lo, sport_hi, dport_lo, dport_hi;
     unsigned int mark, mark_mask;
@@ -47,7 +56,8 @@ struct pct_entry {
     unsigned int mark;
     unsigned int status;
     unsigned int timeout;
-    unsigned short zone;
+    unsigned short zone;      /* the zone id, whatever its direction */
+    unsigned char zone_dir;   /* PCT_ZONE_BOTH, _ORIG or _REPLY */
     unsigned char family;
     unsigned char proto;
     unsigned char orig_src[16], orig_dst[16], reply_src[16], reply_dst[16];
@@ -97,6 +107,7 @@ struct pct_create_spec {
     unsigned int first;      /* index of the first entry (to split work) */
     unsigned int count;
     int use_zone;            /* 0: send no CTA_ZONE (kernel without zones) */
+    unsigned char zone_dir;  /* PCT_ZONE_BOTH, _ORIG or _REPLY */
 };
 
 struct pct_handle;

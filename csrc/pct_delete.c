@@ -282,13 +282,26 @@ int pct_queue_delete(struct pct_handle *h, const struct pct_entry *e,
     if (!slot)
         return err;
     nlh = pct_put_request(slot, IPCTNL_MSG_CT_DELETE, 0, e->family, 0, ++h->seq);
-    if (orig)
+    /* The lookup key is a tuple and a zone. The kernel hashes and compares a
+     * tuple under the zone id of the tuple's own direction
+     * (nf_ct_zone_id(zone, dir)), so each zone form is looked up through the
+     * direction its zone applies to, with CTA_ZONE carrying the id:
+     * - both, or original only: the original tuple;
+     * - reply only: the reply tuple. Through the original tuple it would be
+     *   looked up in zone 0, where a newer zone-0 connection reusing the tuple
+     *   would be hit (its conntrack id can even be equal: the id hashes the
+     *   object's address, which the slab reuses).
+     * A one-direction zone comes inside the dumped tuple (CTA_TUPLE_ZONE),
+     * which the kernel refuses next to a non-zero CTA_ZONE (EINVAL): such
+     * tuples are rebuilt without it. */
+    if (e->zone_dir == PCT_ZONE_REPLY)
+        pct_put_reply_tuple(nlh, e);
+    else if (orig && e->zone_dir == PCT_ZONE_BOTH)
         mnl_attr_put(nlh, orig->nla_type, mnl_attr_get_payload_len(orig),
                      mnl_attr_get_payload(orig));
     else
         pct_put_tuple(nlh, CTA_TUPLE_ORIG, e);
-    /* zone: look the tuple up in the entry's zone; id: never hit a newer
-     * connection that reuses the tuple */
+    /* id: never hit a newer connection that reuses the tuple in that zone */
     if (use_zone_attr)
         mnl_attr_put_u16(nlh, CTA_ZONE, htons(e->zone));
     if (e->id)   /* 0: unknown (an index record), delete by tuple and zone */

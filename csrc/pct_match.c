@@ -21,7 +21,11 @@ int pct_match(const struct pct_filter *f, const struct pct_entry *e)
 {
     unsigned int m = f->fields;
 
+    /* zone Z: the entry's zone id is Z, whatever its direction (as the
+     * kernel's own zone filters compare it) */
     if ((m & PCT_F_ZONE) && e->zone != f->zone)
+        return 0;
+    if ((m & PCT_F_ZONE_DIR) && e->zone_dir != f->zone_dir)
         return 0;
     if ((m & PCT_F_FAMILY) && e->family != f->family)
         return 0;

@@ -125,8 +125,10 @@ static void parse_tuple(const struct nlattr *nest, struct pct_entry *e, int repl
             parse_proto(a, e, reply);
             break;
         case CTA_TUPLE_ZONE:
-            /* directional zone: the original direction's zone is the entry's */
-            if (!reply) e->zone = get_be16(a);
+            /* a zone set for one direction only: the kernel puts it inside
+             * that direction's tuple (and sends no CTA_ZONE) */
+            e->zone = get_be16(a);
+            e->zone_dir = reply ? PCT_ZONE_REPLY : PCT_ZONE_ORIG;
             break;
         }
     }
@@ -170,8 +172,9 @@ int pct_parse_entry(const struct nlmsghdr *nlh, struct pct_entry *e,
         case CTA_TUPLE_REPLY:
             parse_tuple(a, e, 1);
             break;
-        case CTA_ZONE:
+        case CTA_ZONE:   /* a zone for both directions */
             e->zone = get_be16(a);
+            e->zone_dir = PCT_ZONE_BOTH;
             break;
         case CTA_MARK:
             e->mark = get_be32(a);
@@ -193,30 +196,63 @@ int pct_parse_entry(const struct nlmsghdr *nlh, struct pct_entry *e,
     return have_orig ? 0 : -EBADMSG;
 }
 
-/* The original tuple of an entry, rebuilt from its parsed fields. */
-void pct_put_tuple(struct nlmsghdr *nlh, unsigned int type, const struct pct_entry *e)
+/* The ICMP type of the reply direction: the kernel's own inversion of the
+ * request types it tracks as connections (nf_conntrack_proto_icmp{,v6}.c). */
+static unsigned char icmp_reply_type(unsigned char proto, unsigned char type)
+{
+    static const unsigned char v4[][2] = {{8, 0}, {0, 8}, {13, 14}, {14, 13}, {15, 16},
+                                          {16, 15}, {17, 18}, {18, 17}};
+    static const unsigned char v6[][2] = {{128, 129}, {129, 128}, {139, 140}, {140, 139}};
+    const unsigned char (*map)[2] = proto == IPPROTO_ICMP ? v4 : v6;
+    size_t i, n = proto == IPPROTO_ICMP ? sizeof(v4) / sizeof(v4[0]) : sizeof(v6) / sizeof(v6[0]);
+
+    for (i = 0; i < n; i++)
+        if (map[i][0] == type)
+            return map[i][1];
+    return type;
+}
+
+/* One direction's tuple of an entry, rebuilt from its parsed fields (never
+ * with a CTA_TUPLE_ZONE: the zone travels as CTA_ZONE). */
+static void put_tuple_dir(struct nlmsghdr *nlh, unsigned int type, const struct pct_entry *e,
+                          int reply)
 {
     struct nlattr *tuple, *nest;
     int v6 = e->family == AF_INET6, alen = pct_addr_len(e->family);
 
     tuple = mnl_attr_nest_start(nlh, type);
     nest = mnl_attr_nest_start(nlh, CTA_TUPLE_IP);
-    mnl_attr_put(nlh, v6 ? CTA_IP_V6_SRC : CTA_IP_V4_SRC, alen, e->orig_src);
-    mnl_attr_put(nlh, v6 ? CTA_IP_V6_DST : CTA_IP_V4_DST, alen, e->orig_dst);
+    mnl_attr_put(nlh, v6 ? CTA_IP_V6_SRC : CTA_IP_V4_SRC, alen,
+                 reply ? e->reply_src : e->orig_src);
+    mnl_attr_put(nlh, v6 ? CTA_IP_V6_DST : CTA_IP_V4_DST, alen,
+                 reply ? e->reply_dst : e->orig_dst);
     mnl_attr_nest_end(nlh, nest);
     nest = mnl_attr_nest_start(nlh, CTA_TUPLE_PROTO);
     mnl_attr_put_u8(nlh, CTA_PROTO_NUM, e->proto);
     if (e->proto == IPPROTO_ICMP || e->proto == IPPROTO_ICMPV6) {
         int icmp4 = e->proto == IPPROTO_ICMP;
+        unsigned char itype = reply ? icmp_reply_type(e->proto, e->icmp_type) : e->icmp_type;
         mnl_attr_put_u16(nlh, icmp4 ? CTA_PROTO_ICMP_ID : CTA_PROTO_ICMPV6_ID, htons(e->icmp_id));
-        mnl_attr_put_u8(nlh, icmp4 ? CTA_PROTO_ICMP_TYPE : CTA_PROTO_ICMPV6_TYPE, e->icmp_type);
+        mnl_attr_put_u8(nlh, icmp4 ? CTA_PROTO_ICMP_TYPE : CTA_PROTO_ICMPV6_TYPE, itype);
         mnl_attr_put_u8(nlh, icmp4 ? CTA_PROTO_ICMP_CODE : CTA_PROTO_ICMPV6_CODE, e->icmp_code);
     } else if (e->has_ports) {
-        mnl_attr_put_u16(nlh, CTA_PROTO_SRC_PORT, htons(e->orig_sport));
-        mnl_attr_put_u16(nlh, CTA_PROTO_DST_PORT, htons(e->orig_dport));
+        mnl_attr_put_u16(nlh, CTA_PROTO_SRC_PORT, htons(reply ? e->reply_sport : e->orig_sport));
+        mnl_attr_put_u16(nlh, CTA_PROTO_DST_PORT, htons(reply ? e->reply_dport : e->orig_dport));
     }
     mnl_attr_nest_end(nlh, nest);
     mnl_attr_nest_end(nlh, tuple);
+}
+
+/* The original tuple of an entry, rebuilt from its parsed fields. */
+void pct_put_tuple(struct nlmsghdr *nlh, unsigned int type, const struct pct_entry *e)
+{
+    put_tuple_dir(nlh, type, e, 0);
+}
+
+/* The reply tuple (CTA_TUPLE_REPLY) of an entry, rebuilt from its fields. */
+void pct_put_reply_tuple(struct nlmsghdr *nlh, const struct pct_entry *e)
+{
+    put_tuple_dir(nlh, CTA_TUPLE_REPLY, e, 1);
 }
 
 /* ---- kernel-side dump filters ---------------------------------------- */

@@ -11,7 +11,7 @@ from .errors import ConntrackError, from_errno
 from .filter import Filter
 from .types import Capabilities, Entry, TCP_STATES
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 DUMP_BATCH = 1024
 
 if lib.PCT_ABI_VERSION != ABI_VERSION:  # a stale build next to newer Python code
@@ -24,6 +24,8 @@ K_TUPLE_V4 = lib.PCT_K_TUPLE_V4
 K_TUPLE_V6 = lib.PCT_K_TUPLE_V6
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+ZONE_DIR_C = {"both": lib.PCT_ZONE_BOTH, "orig": lib.PCT_ZONE_ORIG, "reply": lib.PCT_ZONE_REPLY}
+_ZONE_DIR_NAME = {v: k for k, v in ZONE_DIR_C.items()}
 _FAMILY_NAME = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 
@@ -78,6 +80,9 @@ def to_c_filter(f: Filter, out=None):
     if f.zone is not None:
         fields |= lib.PCT_F_ZONE
         c.zone = f.zone
+    if f.zone_dir is not None:
+        fields |= lib.PCT_F_ZONE_DIR
+        c.zone_dir = ZONE_DIR_C[f.zone_dir]
     if f.family is not None:
         fields |= lib.PCT_F_FAMILY
         c.family = _AF[f.family]
@@ -126,6 +131,7 @@ def _entry(e) -> Entry:
         tcp_state=(TCP_STATES[e.tcp_state] if e.tcp_state < len(TCP_STATES) else str(e.tcp_state))
         if e.proto == 6 else None,
         id=e.id,
+        zone_dir=_ZONE_DIR_NAME.get(e.zone_dir, str(e.zone_dir)),
     )
 
 
@@ -185,11 +191,12 @@ def table_count(h: Handle) -> int:
 def create(h: Handle, *, family: int, proto: int, zone: int, src: str, dst: str,
            sport_base: int, dport: int, count: int, mark: int, timeout: int,
            reply_src: Optional[str], reply_dst: Optional[str], use_zone: bool,
-           first: int = 0) -> tuple:
+           first: int = 0, zone_dir: str = "both") -> tuple:
     spec = ffi.new("struct pct_create_spec *")
     spec.family = _AF[family]
     spec.proto = proto
     spec.zone = zone
+    spec.zone_dir = ZONE_DIR_C[zone_dir]
     for name, value in (("src", src), ("dst", dst), ("reply_src", reply_src),
                         ("reply_dst", reply_dst)):
         if value is not None:
@@ -231,6 +238,7 @@ def c_match(f: Filter, entry_fields: dict) -> bool:
     e.family = _AF[fam]
     e.proto = entry_fields.get("proto", 0)
     e.zone = entry_fields.get("zone", 0)
+    e.zone_dir = ZONE_DIR_C[entry_fields.get("zone_dir", "both")]
     e.mark = entry_fields.get("mark", 0)
     for name in ("orig_src", "orig_dst", "reply_src", "reply_dst"):
         packed = ipaddress.ip_address(entry_fields[name]).packed
@@ -262,13 +270,18 @@ def delete_entries(h: Handle, entries: Sequence[Entry], use_zone_attr: bool) -> 
         c.family = _AF[4 if e.family == "ipv4" else 6]
         c.proto = e.proto
         c.zone = e.zone
+        c.zone_dir = ZONE_DIR_C[e.zone_dir]
         c.id = e.id
         _put_addr(c.orig_src, e.src)
         _put_addr(c.orig_dst, e.dst)
+        _put_addr(c.reply_src, e.reply_src)   # a reply-only zone is looked up by these
+        _put_addr(c.reply_dst, e.reply_dst)
         if e.sport is not None:
             c.has_ports = 1
             c.orig_sport = e.sport
             c.orig_dport = e.dport
+            c.reply_sport = e.reply_sport if e.reply_sport is not None else e.dport
+            c.reply_dport = e.reply_dport if e.reply_dport is not None else e.sport
         if e.icmp_type is not None:
             c.icmp_type, c.icmp_code, c.icmp_id = e.icmp_type, e.icmp_code, e.icmp_id
     res = ffi.new("struct pct_delete_result *")

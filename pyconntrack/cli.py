@@ -28,7 +28,13 @@ class _Parser(argparse.ArgumentParser):
 def _filter_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filter")
     g.add_argument("--netns", help="network namespace name (/var/run/netns) or path")
-    g.add_argument("--zone", help="conntrack zone 0..65535")
+    g.add_argument("--zone", help="conntrack zone 0..65535 (its id, whatever its direction)")
+    g.add_argument("--zone-dir", choices=["both", "orig", "reply"],
+                   help="only entries whose zone is set for this direction (needs --zone)")
+    g.add_argument("--orig-zone", metavar="Z",
+                   help="zone Z set for the original direction only (= --zone Z --zone-dir orig)")
+    g.add_argument("--reply-zone", metavar="Z",
+                   help="zone Z set for the reply direction only (= --zone Z --zone-dir reply)")
     g.add_argument("--family", help="ipv4 or ipv6")
     g.add_argument("--proto", help="tcp udp icmp icmpv6 sctp gre udplite dccp or a number")
     g.add_argument("--src", help="original source IP or CIDR")
@@ -52,10 +58,30 @@ def _int_arg(name: str, text: Optional[str]):
         raise InvalidFilter(f"--{name} must be an integer, not {text!r}") from None
 
 
+def _zone_args(a: argparse.Namespace) -> tuple:
+    """(zone, zone_dir) from --zone/--zone-dir or --orig-zone/--reply-zone."""
+    given = [n for n in ("zone", "orig_zone", "reply_zone") if getattr(a, n) is not None]
+    if len(given) > 1:
+        raise InvalidFilter("give one of --zone, --orig-zone, --reply-zone")
+    if a.orig_zone is not None or a.reply_zone is not None:
+        if a.zone_dir is not None:
+            raise InvalidFilter("--zone-dir goes with --zone, not --orig-zone/--reply-zone")
+        if a.orig_zone is not None:
+            return _int_arg("orig-zone", a.orig_zone), "orig"
+        return _int_arg("reply-zone", a.reply_zone), "reply"
+    return _int_arg("zone", a.zone), a.zone_dir
+
+
 def _build_filter(a: argparse.Namespace) -> Filter:
-    return Filter(zone=_int_arg("zone", a.zone), family=a.family, proto=a.proto,
+    zone, zone_dir = _zone_args(a)
+    return Filter(zone=zone, zone_dir=zone_dir, family=a.family, proto=a.proto,
                   src=a.src, dst=a.dst, addr=a.addr, reply_src=a.reply_src,
                   reply_dst=a.reply_dst, sport=a.sport, dport=a.dport, mark=a.mark)
+
+
+def zone_text(zone: int, zone_dir: str) -> str:
+    """zone=N, zone-orig=N or zone-reply=N, as conntrack-tools writes them."""
+    return f"zone={zone}" if zone_dir == "both" else f"zone-{zone_dir}={zone}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +140,8 @@ def _cmd_list(a) -> int:
                 ports = f" sport={e.sport} dport={e.dport}" if e.sport is not None else ""
                 icmp = (f" type={e.icmp_type} code={e.icmp_code} id={e.icmp_id}"
                         if e.icmp_type is not None else "")
-                print(f"{e.family} {e.proto_name} zone={e.zone} src={e.src} dst={e.dst}"
+                print(f"{e.family} {e.proto_name} {zone_text(e.zone, e.zone_dir)} "
+                      f"src={e.src} dst={e.dst}"
                       f"{ports}{icmp} reply-src={e.reply_src} reply-dst={e.reply_dst}"
                       f" mark={e.mark} id={e.id}")
     return EXIT_OK
@@ -165,7 +192,8 @@ def _cmd_create(a) -> int:
     if f.dport is not None:
         kwargs["dport"] = f.dport[0]
     with Conntrack(a.netns) as ct:
-        n = ct.create_many(_int_arg("count", a.count), zone=f.zone or 0, family=family,
+        n = ct.create_many(_int_arg("count", a.count), zone=f.zone or 0,
+                           zone_dir=f.zone_dir or "both", family=family,
                            proto=f.proto if f.proto is not None else "udp",
                            mark=f.mark[0] if f.mark else 0,
                            timeout=_int_arg("timeout", a.timeout), **kwargs)

@@ -15,7 +15,7 @@ from . import _lowlevel as ll
 from . import index as index_mod
 from .errors import (ConntrackError, InvalidFilter, KernelUnsupported, NamespaceNotFound,
                      PermissionDenied)
-from .filter import Filter, _family, _proto, _zone
+from .filter import Filter, _family, _proto, _zone, _zone_dir
 from .plan import (IndexState, Plan, kernel_filters as _kflags, plan_delete,
                    plan_delete_many)
 from .types import Capabilities, DeleteResult, Entry
@@ -132,15 +132,18 @@ def _check_entry(e) -> None:
     if e.family not in ("ipv4", "ipv6"):
         raise InvalidFilter(f"entry family must be 'ipv4' or 'ipv6', not {e.family!r}")
     version = 4 if e.family == "ipv4" else 6
-    for name in ("src", "dst"):
+    for name in ("src", "dst", "reply_src", "reply_dst"):
         value = getattr(e, name)
         if not isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)) \
                 or value.version != version:
             raise InvalidFilter(f"entry {name} must be an IPv{version} address, not {value!r}")
     uint("proto", e.proto, 255)
     uint("zone", e.zone, 0xFFFF)
+    if e.zone_dir not in ("both", "orig", "reply"):
+        raise InvalidFilter(f"entry zone_dir must be 'both', 'orig' or 'reply', "
+                            f"not {e.zone_dir!r}")
     uint("id", e.id, 0xFFFFFFFF)
-    for name in ("sport", "dport", "icmp_id"):
+    for name in ("sport", "dport", "reply_sport", "reply_dport", "icmp_id"):
         uint(name, getattr(e, name), 0xFFFF, optional=True)
     for name in ("icmp_type", "icmp_code"):
         uint(name, getattr(e, name), 0xFF, optional=True)
@@ -551,14 +554,18 @@ class Conntrack:
                     proto: str | int = "udp", src: Optional[str] = None,
                     dst: Optional[str] = None, sport: int = 1024, dport: int = 80,
                     mark: int = 0, timeout: int = 3600, reply_src: Optional[str] = None,
-                    reply_dst: Optional[str] = None) -> int:
+                    reply_dst: Optional[str] = None, zone_dir: str = "both") -> int:
         """Create ``count`` entries in batches: the source port counts up from
-        ``sport`` (to 65535), then the source address. Returns the number
-        created; raises ConntrackError if any create failed."""
+        ``sport`` (to 65535), then the source address. ``zone_dir`` sets the
+        zone for both directions (default) or one (``"orig"``, ``"reply"``).
+        Returns the number created; raises ConntrackError if any create failed."""
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 0xFFFFFFFF:
             raise InvalidFilter(f"count must be a non-negative int, not {count!r}")
         fam = _family(family)
         z = _zone(zone)
+        zd = _zone_dir(zone_dir)
+        if zd != "both" and z == 0:
+            raise InvalidFilter("zone 0 has no direction: zone_dir needs a non-zero zone")
         p = _proto(proto)
         if isinstance(sport, bool) or not isinstance(sport, int) or not 1 <= sport <= 65535:
             raise InvalidFilter(f"sport must be 1..65535, not {sport!r}")
@@ -582,7 +589,7 @@ class Conntrack:
         caps = self.capabilities()
         spec = dict(family=fam, proto=p, zone=z, src=src, dst=dst, sport_base=sport,
                     dport=dport, mark=mark, timeout=timeout, reply_src=reply_src,
-                    reply_dst=reply_dst, use_zone=caps.send_zone)
+                    reply_dst=reply_dst, use_zone=caps.send_zone, zone_dir=zd)
         created, failed, first = self._create_parallel(spec, count)
         if failed:
             reason = f": {os.strerror(first)}" if first else ""

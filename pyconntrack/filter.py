@@ -86,11 +86,25 @@ def _port(name: str, value: Any) -> PortRange:
     return (lo, hi)
 
 
+ZONE_DIRS = ("both", "orig", "reply")
+
+
+def _zone_dir(value: Any) -> str:
+    key = value.lower() if isinstance(value, str) else value
+    aliases = {"original": "orig", "repl": "reply"}
+    key = aliases.get(key, key) if isinstance(key, str) else key
+    if key not in ZONE_DIRS:
+        raise InvalidFilter(f"zone_dir must be one of {', '.join(ZONE_DIRS)}, not {value!r}")
+    return key
+
+
 def _mark(value: Any) -> Tuple[int, int]:
     if isinstance(value, str):
-        text, _, mask_text = value.strip().partition("/")
+        text, sep, mask_text = value.strip().partition("/")
+        if sep and not mask_text.strip():
+            raise InvalidFilter(f"mark: {value!r} has an empty mask (use V or V/MASK)")
         try:
-            value = (int(text, 0), int(mask_text, 0)) if mask_text else int(text, 0)
+            value = (int(text, 0), int(mask_text, 0)) if sep else int(text, 0)
         except ValueError:
             raise InvalidFilter(f"mark: invalid value {value!r} (use V or V/MASK)") from None
     if _is_int(value):
@@ -109,20 +123,31 @@ def _mark(value: Any) -> Tuple[int, int]:
 class Filter:
     """Which conntrack entries to list, count or delete.
 
-    Every field is optional and fields are ANDed. Addresses take an IP or a
-    CIDR; ``src``/``dst`` match the original direction, ``addr`` either of
-    them, ``reply_src``/``reply_dst`` the reply direction (the NAT side).
-    Ports take an int, ``"P-Q"`` or ``(lo, hi)`` (inclusive) and match the
-    original direction; entries without ports (ICMP) never match a port.
-    ``mark`` takes an int or ``(value, mask)``: ``entry.mark & mask == value``.
+    Every field is optional and fields are ANDed. ``zone`` matches the
+    entry's zone id whatever direction the zone was set for (both, original
+    only, reply only: as the kernel's own zone filters do); ``zone_dir``
+    (``"both"``, ``"orig"``, ``"reply"``, with a non-zero ``zone``) asks for
+    one of those forms only. Addresses take an IP or a CIDR; ``src``/``dst``
+    match the original direction, ``addr`` either of them,
+    ``reply_src``/``reply_dst`` the reply direction (the NAT side). Ports take
+    an int, ``"P-Q"`` or ``(lo, hi)`` (inclusive) and match the original
+    direction (for GRE: the keys); entries without ports (ICMP) never match a
+    port. ``mark`` takes an int or ``(value, mask)``: ``entry.mark & mask ==
+    value``.
+
+    Fields that narrow nothing are normalised away when the filter is built,
+    so :meth:`describe`, the planner and the zone-0 guard see what the filter
+    really selects: a /0 prefix only selects its family, a mark mask of 0
+    selects every entry.
 
     Raises :class:`InvalidFilter` (a ``ValueError``) on any bad input.
     """
 
     __slots__ = ("zone", "family", "proto", "src", "dst", "addr", "reply_src",
-                 "reply_dst", "sport", "dport", "mark")
+                 "reply_dst", "sport", "dport", "mark", "zone_dir")
 
     zone: Optional[int]
+    zone_dir: Optional[str]
     family: Optional[int]
     proto: Optional[int]
     src: Optional[Network]
@@ -137,9 +162,11 @@ class Filter:
     def __init__(self, *, zone: Any = None, family: Any = None, proto: Any = None,
                  src: Any = None, dst: Any = None, addr: Any = None,
                  reply_src: Any = None, reply_dst: Any = None,
-                 sport: Any = None, dport: Any = None, mark: Any = None) -> None:
+                 sport: Any = None, dport: Any = None, mark: Any = None,
+                 zone_dir: Any = None) -> None:
         values = {
             "zone": None if zone is None else _zone(zone),
+            "zone_dir": None if zone_dir is None else _zone_dir(zone_dir),
             "family": None if family is None else _family(family),
             "proto": None if proto is None else _proto(proto),
             "sport": None if sport is None else _port("sport", sport),
@@ -168,6 +195,17 @@ class Filter:
                                     f"in ipv{values['family']}")
         if (values["sport"] or values["dport"]) and p in (1, 58):
             raise InvalidFilter("ICMP entries have no ports: drop --sport/--dport or the protocol")
+        if values["zone_dir"] is not None:
+            if values["zone"] is None:
+                raise InvalidFilter("zone_dir needs a zone")
+            if values["zone"] == 0:
+                raise InvalidFilter("zone 0 has no direction: the kernel reports no zone for it")
+        # normalise what narrows nothing: /0 keeps only its family (set above)
+        for name in _ADDRESS_FIELDS:
+            if values[name] is not None and values[name].prefixlen == 0:
+                values[name] = None
+        if values["mark"] is not None and values["mark"][1] == 0:
+            values["mark"] = None   # (0, 0): every mark matches
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -197,18 +235,29 @@ class Filter:
     def address_fields(self) -> Tuple[str, ...]:
         return tuple(n for n in _ADDRESS_FIELDS if getattr(self, n) is not None)
 
+    def narrows_within_protocol(self) -> bool:
+        """True when the filter can exclude some entries of a protocol and
+        family it selects: an address prefix, a port range short of the full
+        0-65535 (the full range only selects entries that have ports, like a
+        protocol does), or a mark (a zero mask is normalised away)."""
+        full = (0, 65535)
+        return bool(self.address_fields
+                    or (self.sport is not None and self.sport != full)
+                    or (self.dport is not None and self.dport != full)
+                    or self.mark is not None)
+
     def is_broad_on_default_zone(self) -> bool:
         """True when the filter could match every entry of zone 0 (the host's
-        own connections) up to family or protocol: such deletes need consent."""
+        own connections), or of every zone, up to family or protocol: such
+        deletes need consent (allow_default_zone / --force)."""
         if self.zone not in (None, 0):
             return False
-        narrowing = (self.address_fields or self.sport is not None
-                     or self.dport is not None or self.mark is not None)
-        return not narrowing
+        return not self.narrows_within_protocol()
 
     def is_zone_flushable(self) -> bool:
-        """Exactly zone [+ family, mark]: what a one-message flush can express."""
-        if self.zone is None:
+        """Exactly zone [+ family, mark]: what a one-message flush can express
+        (the kernel's zone filter ignores the direction: no zone_dir)."""
+        if self.zone is None or self.zone_dir is not None:
             return False
         return not (self.address_fields or self.proto is not None
                     or self.sport is not None or self.dport is not None)

@@ -208,6 +208,8 @@ def index_refusal(f: Filter) -> str:
         return "the index works per zone: the filter has no zone"
     if f.mark is not None:
         return "the index does not hold marks"
+    if f.zone_dir is not None:
+        return "the index does not hold zone directions"
     if f.reply_src is not None or f.reply_dst is not None:
         return "the index holds original tuples only (no reply side)"
     return ""

@@ -88,7 +88,8 @@ def parse_iptables_zones(rules: Union[str, Iterable[str]], prefix_len: int = DEV
     """Device key -> zone from ``iptables-save -t raw`` output (text or lines).
 
     Reads rules like ``-A neutron-openvswi-PREROUTING -m physdev --physdev-in
-    tap8f46cf18-12 -m comment --comment "Set zone for ..." -j CT --zone 4105``.
+    tap8f46cf18-12 -m comment --comment "Set zone for ..." -j CT --zone 4105``
+    (``--zone-orig N`` / ``--zone-reply N`` too: the zone id is the zone).
     The key is the interface name without its prefix (``tap``/``qvb``/``brq``),
     truncated to 11 characters: a port-id fragment for per-port zones, a
     network-id fragment (``brq`` bridges) for per-network zones, as Neutron
@@ -112,7 +113,8 @@ def parse_iptables_zones(rules: Union[str, Iterable[str]], prefix_len: int = DEV
             elif tok == "-j" and nxt == "CT":
                 rest = tokens[i + 2:]
                 for j, t in enumerate(rest[:-1]):
-                    if t == "--zone" and rest[j + 1].isdigit():
+                    # a zone for both directions or for one (the id is the zone)
+                    if t in ("--zone", "--zone-orig", "--zone-reply") and rest[j + 1].isdigit():
                         zone = int(rest[j + 1])
         if dev and zone is not None and zone <= MAX_ZONE and _IFNAME.match(dev):
             zones[_key_from_ifname(dev, prefix_len, key_len)] = zone
@@ -120,13 +122,14 @@ def parse_iptables_zones(rules: Union[str, Iterable[str]], prefix_len: int = DEV
 
 
 _NFT_IIFNAME = re.compile(r'\biifname\s+(?:"([^"]+)"|([^\s{},"]+))')
-_NFT_ZONE = re.compile(r"\bct\s+zone\s+set\s+(\d+)\b")
+_NFT_ZONE = re.compile(r"\bct\s+(?:(?:original|reply)\s+)?zone\s+set\s+(\d+)\b")
 
 
 def parse_nft_zones(ruleset: Union[str, Iterable[str]], prefix_len: int = DEV_PREFIX_LEN,
                     key_len: int = DEV_KEY_LEN) -> Dict[str, int]:
     """Device key -> zone from ``nft list ruleset`` output: rules like
-    ``iifname "tap8f46cf18-12" ct zone set 4105`` (``meta iifname`` too).
+    ``iifname "tap8f46cf18-12" ct zone set 4105`` (``meta iifname`` too;
+    ``ct original zone set`` / ``ct reply zone set`` as well).
     Wildcards and sets of names are ignored."""
     lines = ruleset.splitlines() if isinstance(ruleset, str) else list(ruleset)
     zones: Dict[str, int] = {}

@@ -15,7 +15,12 @@ TCP_STATES = ["NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT",
 
 
 class Entry(NamedTuple):
-    """One conntrack entry (original and reply tuples, zone, mark, id)."""
+    """One conntrack entry (original and reply tuples, zone, mark, id).
+
+    ``zone`` is the zone id; ``zone_dir`` says which directions it applies to:
+    ``"both"`` (a plain zone, and always for zone 0), ``"orig"`` or
+    ``"reply"`` (``-j CT --zone-orig/--zone-reply``, ``conntrack -I
+    --orig-zone/--reply-zone``)."""
 
     family: str
     proto: int
@@ -36,6 +41,7 @@ class Entry(NamedTuple):
     timeout: int
     tcp_state: Optional[str]
     id: int
+    zone_dir: str = "both"
 
     @property
     def proto_name(self) -> str:

@@ -8,7 +8,10 @@ import ipaddress
 def model_match(f, e) -> bool:
     """f: pyconntrack.Filter; e: pyconntrack.Entry."""
     fam = 4 if e.family == "ipv4" else 6
+    # zone Z: the entry's zone id, whatever direction it was set for
     if f.zone is not None and e.zone != f.zone:
+        return False
+    if getattr(f, "zone_dir", None) is not None and e.zone_dir != f.zone_dir:
         return False
     if f.family is not None and fam != f.family:
         return False
@@ -39,7 +42,7 @@ def model_match(f, e) -> bool:
 
 def key(e) -> tuple:
     """Identity of an entry across dumps."""
-    return (e.family, e.proto, e.zone, str(e.src), str(e.dst), e.sport, e.dport,
+    return (e.family, e.proto, e.zone, e.zone_dir, str(e.src), str(e.dst), e.sport, e.dport,
             e.icmp_type, e.icmp_id)
 
 
