@@ -187,3 +187,77 @@ def test_failed_deletes_exit_1(monkeypatch, capsys):
     assert cli.main(["delete", "--zone", "3", "--json"]) == 1
     out, err = capsys.readouterr()
     assert json.loads(out)["failed"] == 1 and "errno 16" in err
+
+
+# -- zones per direction and the zone-0 guard, as a new user meets them -------------
+
+def _insert(netns, *args):
+    subprocess.run(["ip", "netns", "exec", netns, "conntrack", "-I", "--timeout", "300", *args],
+                   capture_output=True, text=True, check=True)
+
+
+def _directional_table(netns):
+    """Made with conntrack-tools, as the issue's reporter did."""
+    base = ["-p", "udp", "-s", "10.0.0.1", "-d", "10.0.0.2", "--dport", "6"]
+    _insert(netns, *base, "--sport", "1", "--orig-zone", "6")
+    _insert(netns, *base, "--sport", "2", "--orig-zone", "6")
+    _insert(netns, *base, "--sport", "3", "--reply-zone", "7")
+    _insert(netns, *base, "--sport", "4", "--zone", "8")
+    _insert(netns, *base, "--sport", "5")
+
+
+def _lines(netns):
+    out = subprocess.run(["ip", "netns", "exec", netns, "conntrack", "-L"],
+                         capture_output=True, text=True, check=True).stdout
+    # without the countdown (third column): the table, not the clock
+    return sorted(" ".join(line.split()[:2] + line.split()[3:]) for line in out.splitlines())
+
+
+@pytest.mark.kernel
+@needs_conntrack
+@pytest.mark.parametrize("args, gone", [
+    (["--zone", "6", "--addr", "10.0.0.2"], {"sport=1", "sport=2"}),
+    (["--zone", "6"], {"sport=1", "sport=2"}),
+    (["--zone", "6", "--strategy", "walk"], {"sport=1", "sport=2"}),
+    (["--zone", "7", "--dport", "6"], {"sport=3"}),
+    (["--zone", "7"], {"sport=3"}),
+    (["--reply-zone", "7"], {"sport=3"}),
+    (["--orig-zone", "6", "--sport", "2"], {"sport=2"}),
+    (["--zone", "0", "--src", "10.0.0.1"], {"sport=5"}),
+])
+def test_directional_zones_delete_exactly(netns, args, gone):
+    _directional_table(netns)
+    before = _lines(netns)
+    count = run("count", "--netns", netns, *[a for a in args if a not in ("--strategy", "walk")])
+    assert count.returncode == 0 and int(count.stdout) == len(gone), count
+    r = run("delete", "--netns", netns, "--json", *args)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["deleted"] == len(gone)
+    left = _lines(netns)
+    assert left == [line for line in before if not any(f"{g} " in line for g in gone)]
+
+
+@pytest.mark.kernel
+@needs_conntrack
+def test_list_shows_zone_direction(netns):
+    _directional_table(netns)
+    r = run("list", "--netns", netns, "--zone", "7")
+    assert r.returncode == 0 and "zone-reply=7" in r.stdout and r.stdout.count("\n") == 1
+    r = run("list", "--netns", netns, "--zone", "6", "--json")
+    assert {json.loads(line)["zone_dir"] for line in r.stdout.splitlines()} == {"orig"}
+
+
+@pytest.mark.kernel
+@needs_conntrack
+@pytest.mark.parametrize("args", [
+    ["--mark", "0/0"], ["--src", "0.0.0.0/0"], ["--addr", "::/0"],
+    ["--zone", "0", "--sport", "0-65535"], ["--zone", "0", "--src", "0.0.0.0/0"],
+    ["--mark", "1/"], ["--family", "ipv4", "--dport", "0-65535"],
+])
+def test_narrow_nothing_deletes_exit_2_untouched(netns, args):
+    _directional_table(netns)
+    before = _lines(netns)
+    r = run("delete", "--netns", netns, *args)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1
+    assert _lines(netns) == before
