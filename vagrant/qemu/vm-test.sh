@@ -351,7 +351,7 @@ timeout -k 10 "$VM_TIMEOUT" qemu-system-x86_64 \
     -M q35 -accel tcg -m "${VM_MEM:-2048}" -smp "${VM_SMP:-2}" \
     -display none -monitor none -serial stdio -nic none -no-reboot -snapshot \
     -kernel "$KDIR/vmlinuz" \
-    -append "console=ttyS0 root=PARTUUID=$ROOT_PARTUUID rootwait rootfstype=ext4 rw init=/sbin/pct-init panic=-1 quiet mitigations=off" \
+    -append "console=ttyS0 root=PARTUUID=$ROOT_PARTUUID rootwait rootfstype=ext4 rw init=/sbin/pct-init panic=-1 quiet mitigations=off no_timer_check" \
     -device nvme,id=nvme0,serial=pctvm \
     -drive file="$ROOTFS",if=none,id=root,format=raw \
     -device nvme-ns,drive=root,bus=nvme0,nsid=1 \
