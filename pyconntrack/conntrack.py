@@ -181,8 +181,9 @@ def _check_default_zone(f: Filter, allow: bool) -> None:
     if f.is_broad_on_default_zone() and not allow:
         what = "zone 0" if f.zone == 0 else "every zone, zone 0 included"
         raise InvalidFilter(
-            f"filter {f.describe()} matches all of {what}, the host's own connections; "
-            "pass allow_default_zone=True (CLI: --force) if that is really meant")
+            f"filter {f.describe()} cannot exclude any entry of {what} (the host's own "
+            "connections) beyond a family or protocol; pass allow_default_zone=True "
+            "(CLI: --force) if that is really meant")
 
 
 class Conntrack:
