@@ -1,7 +1,9 @@
 """Building known tables in a scratch netns."""
 from __future__ import annotations
 
-from pyconntrack import Conntrack
+import errno
+
+from pyconntrack import Conntrack, ConntrackError, Filter
 
 from model import key
 
@@ -38,3 +40,17 @@ def populate(ct: Conntrack, rows=BASE_TABLE, count: int = 3) -> None:
 def table(ct: Conntrack) -> dict:
     """Every entry of the namespace by identity."""
     return {key(e): e for e in ct.dump()}
+
+
+def refill(ct: Conntrack, rows) -> None:
+    """Empty the scratch table, then create each drawn row (``count`` entries
+    of it). The same tuple drawn twice is refused (EEXIST): the table is what
+    the kernel then holds."""
+    ct.delete(Filter(), strategy="walk", allow_default_zone=True)
+    for r in rows:
+        r = dict(r)
+        n = r.pop("count")
+        try:
+            ct.create_many(n, **r)
+        except ConntrackError as exc:
+            assert exc.errno == errno.EEXIST

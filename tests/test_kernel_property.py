@@ -1,13 +1,12 @@
 """Property test against the kernel: random tables x random filters; the set
 deleted equals the independent model's, checked by a kernel dump afterwards."""
-import errno
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pyconntrack import Capabilities, Conntrack, ConntrackError, Filter
+from pyconntrack import Capabilities, Conntrack, Filter
 
-from helpers import table
+from helpers import refill, table
 from model import model_match
 
 pytestmark = pytest.mark.kernel
@@ -65,15 +64,7 @@ def filters(draw):
 def test_deleted_set_equals_model(netns, fallback, table_rows, fs):
     caps = Capabilities(probed=True, zones=True) if fallback else None
     with Conntrack(netns, capabilities=caps) as ct:
-        ct.delete(Filter(), strategy="walk", allow_default_zone=True)  # reset the scratch table
-        for r in table_rows:
-            r = dict(r)
-            n = r.pop("count")
-            try:
-                ct.create_many(n, **r)
-            except ConntrackError as exc:
-                # the same tuple drawn twice; the table is what the dump says
-                assert exc.errno == errno.EEXIST
+        refill(ct, table_rows)
         before = table(ct)
         if len(fs) == 1:
             result = ct.delete(fs[0], allow_default_zone=True)
