@@ -47,6 +47,7 @@ from .conntrack import Conntrack
 from .errors import ConntrackError, InvalidFilter
 from .filter import Filter
 from .progress import Progress
+from .bench_peers import EXTRA_HINT, PYROUTE2_MISSING
 
 SYSCTL_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
 SYSCTL_BUCKETS = "/proc/sys/net/netfilter/nf_conntrack_buckets"
@@ -120,7 +121,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--buckets", type=int,
                    help="set the conntrack hash size for the run (restored afterwards)")
     p.add_argument("--out", help="write results.json, results.md and results.png into DIR")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.add_argument("--no-plot", action="store_true",
+                   help="skip the PNG (without matplotlib it is skipped anyway, saying so)")
     p.add_argument("--progress", action="store_true", default=None,
                    help="progress bars even when stderr is not a terminal")
     p.add_argument("--json", action="store_true", help="JSON on stdout instead of markdown")
@@ -1026,6 +1028,15 @@ def options(args) -> dict:
             "quick": q, "bulk": QUICK["bulk"] if q else 200_000}
 
 
+def plot_unavailable() -> Optional[str]:
+    """Why the PNG cannot be drawn here (None: it can)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return f"matplotlib is needed for the plot: {EXTRA_HINT}"
+    return None
+
+
 def _render(result: dict, args) -> None:
     md = markdown(result)
     if args.out:
@@ -1036,7 +1047,12 @@ def _render(result: dict, args) -> None:
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(md)
         if not args.no_plot:
-            plot(result, os.path.join(args.out, "results.png"))
+            missing = plot_unavailable()
+            if missing:
+                sys.stderr.write(f"pyconntrack bench: plot skipped ({missing}); "
+                                 f"table and JSON written to {args.out}\n")
+            else:
+                plot(result, os.path.join(args.out, "results.png"))
     print(json.dumps(result, indent=1) if args.json else md)
 
 
@@ -1068,13 +1084,10 @@ def run(args) -> int:
     except ImportError:
         for m in methods:
             if m.id.startswith("pyroute2"):
-                m.skip = "pyroute2 not installed"
-    if not args.no_plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InvalidFilter("the plot needs matplotlib (pip install matplotlib) "
-                                "or pass --no-plot") from None
+                m.skip = PYROUTE2_MISSING
+    if args.out and not args.no_plot and plot_unavailable():
+        # said before a run of minutes, and again when the files are written
+        sys.stderr.write(f"pyconntrack bench: the plot will be skipped ({plot_unavailable()})\n")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     progress = True if args.progress else None

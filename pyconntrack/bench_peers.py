@@ -40,6 +40,10 @@ NLM_F_REQUEST, NLM_F_ACK = 1, 4
 NLMSG_ERROR = 2
 CTA_ZONE = 18
 
+# what an optional dependency of the benchmarks is missing says (one line)
+EXTRA_HINT = "pip install 'pyconntrack[bench]'"
+PYROUTE2_MISSING = f"pyroute2 is needed for this peer: {EXTRA_HINT}"
+
 
 def enter_netns(name: str) -> None:
     """setns(2) into /var/run/netns/NAME (Python 3.11 has no os.setns)."""
@@ -92,7 +96,10 @@ class Pyroute2Cleaner:
     """What a pyroute2 user writes: dump with zone, delete each entry with zone."""
 
     def __init__(self) -> None:
-        from pyroute2 import Conntrack
+        try:
+            from pyroute2 import Conntrack
+        except ImportError:
+            raise ImportError(PYROUTE2_MISSING) from None
         # pyroute2 defaults to nfgen_family=AF_INET (IPv4 only): one socket per family
         self.sockets = [Conntrack(nfgen_family=socket.AF_INET),
                         Conntrack(nfgen_family=socket.AF_INET6)]

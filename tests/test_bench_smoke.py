@@ -33,12 +33,7 @@ def _netns_names():
 
 @pytest.mark.kernel
 def test_quick_end_to_end(tmp_path):
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        if REQUIRE_KERNEL:
-            pytest.fail("matplotlib is needed for the bench plot")
-        pytest.skip("matplotlib not installed")
+    have_plot = bench.plot_unavailable() is None
     before_max = _read(SYSCTL_MAX)
     before_ns = _netns_names()
     out = tmp_path / "bench"
@@ -52,9 +47,13 @@ def test_quick_end_to_end(tmp_path):
     assert _read(SYSCTL_MAX) == before_max
     assert _netns_names() <= before_ns
 
-    # files
-    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "results.png").stat().st_size > 10_000
+    # files (without matplotlib: no PNG, and it says so)
+    if have_plot:
+        assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / "results.png").stat().st_size > 10_000
+    else:
+        assert not (out / "results.png").exists()
+        assert "plot skipped" in p.stderr and "pyconntrack[bench]" in p.stderr
     assert json.loads((out / "results.json").read_text()) == result
     md = (out / "results.md").read_text()
     for title in bench.SCENARIOS.values():
@@ -133,3 +132,43 @@ def test_sizes_parse():
     assert bench._size("250000") == 250_000
     with pytest.raises(ValueError):
         bench._size("12 apples")
+
+
+BLOCK = ("import sys\n"
+         "for name in {names!r}:\n"
+         "    sys.modules[name] = None  # import raises ImportError, as if not installed\n"
+         "from pyconntrack.cli import main\n"
+         "sys.exit(main(sys.argv[1:]))\n")
+
+
+def _without(names, *args):
+    return subprocess.run([sys.executable, "-c", BLOCK.format(names=list(names)), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_without_matplotlib_table_and_json_and_says_plot_skipped(tmp_path):
+    result = _fake_result()
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(result))
+    out = tmp_path / "out"
+    p = _without(["matplotlib"], "bench", "--from-json", str(src), "--out", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["results"] == result["results"]
+    assert json.loads((out / "results.json").read_text())["results"] == result["results"]
+    assert "| method |" in (out / "results.md").read_text()
+    assert not (out / "results.png").exists()
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plot skipped" in lines[0], p.stderr
+    assert "matplotlib is needed for the plot: pip install 'pyconntrack[bench]'" in lines[0]
+
+
+def test_without_pyroute2_the_peer_says_which_extra():
+    from pyconntrack import bench_peers
+    p = subprocess.run([sys.executable, "-c",
+                        "import sys; sys.modules['pyroute2'] = None\n"
+                        "from pyconntrack import bench_peers\n"
+                        "bench_peers.Pyroute2Cleaner()\n"], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == f"ImportError: {bench_peers.PYROUTE2_MISSING}"
+    assert bench_peers.PYROUTE2_MISSING == ("pyroute2 is needed for this peer: "
+                                            "pip install 'pyconntrack[bench]'")
