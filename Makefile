@@ -7,9 +7,13 @@ SHELL := /bin/bash
 PYTHON      ?= python3
 VENV        := .venv
 VPY         := $(VENV)/bin/python
+# Build: the shim (gcc, pkg-config, -dev), the eBPF object (clang, llvm-strip,
+# bpftool), the venv. Commands the suite, the demo and the benchmarks call:
+# ip, tc (iproute2), nft (nftables), conntrack, sysctl (procps), setpriv and
+# nsenter (util-linux), modprobe (kmod), valgrind; make, cc for tools/.
 DEB_PACKAGES := libnetfilter-conntrack-dev libmnl-dev libbpf-dev clang llvm bpftool \
                 conntrack nftables iproute2 pkg-config gcc make python3-venv python3-dev \
-                util-linux libcap2-bin libelf-dev zlib1g-dev
+                util-linux libcap2-bin libelf-dev zlib1g-dev procps kmod valgrind
 PYTEST_ARGS ?=
 KERNEL      ?= 6.12
 # in the qemu guest: the kernel-backed tests (benchmarks and the load/fuzz/memory
@@ -35,17 +39,29 @@ deps: ## install missing Debian/Ubuntu packages (needs root)
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$avail; \
 	fi
 
+# the build requirements, then the package in place with its test and bench extras
 $(VENV)/.stamp: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q cffi "setuptools>=64" wheel pytest hypothesis pyroute2 matplotlib
+	$(VPY) -m pip install -q cffi "setuptools>=64" wheel
 	touch $@
 
 venv: deps $(VENV)/.stamp ## Python virtualenv with the test tools
 
 build: venv ## build the cffi shim (and its eBPF object) in place, and the traffic generator
-	$(VPY) -m pip install -q --no-build-isolation -e .
+	$(VPY) -m pip install -q --no-build-isolation -e '.[test,bench]'
 	$(MAKE) -s -C tools
+
+wheel: venv ## build dist/pyconntrack-*.whl: the shim with its eBPF object embedded
+	rm -f dist/pyconntrack-*.whl
+	$(VPY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+	@ls dist/pyconntrack-*.whl
+
+wheel-test: wheel ## install the wheel on a fresh Debian 12 chroot with runtime libraries only; clean a zone
+	bash vagrant/chroot/chroot-test.sh wheel
+
+fresh-test: ## clone HEAD into a fresh minimal Debian 12 chroot's /root; make test and make demo there
+	bash vagrant/chroot/chroot-test.sh fresh
 
 test: build ## run the whole suite (kernel tests need root; scratch netns only)
 	$(VPY) -m pytest $(PYTEST_ARGS)
@@ -71,4 +87,5 @@ vagrant-test: ## run make test in the Vagrant boxes (needs vagrant + libvirt/vir
 clean: ## remove build products
 	rm -rf build dist *.egg-info pyconntrack/_pct.c pyconntrack/*.so csrc/*.o pyconntrack/*.o
 
-.PHONY: help deps venv build test demo soak bench vm-test vm-test-all vagrant-test clean
+.PHONY: help deps venv build wheel wheel-test fresh-test test demo soak bench vm-test vm-test-all \
+        vagrant-test clean
