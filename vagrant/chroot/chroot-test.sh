@@ -66,7 +66,9 @@ if ! command -v debootstrap >/dev/null; then
 fi
 
 # --------------------------------------------------------------- base tarball
-mkdir -p "$CACHE/archives/partial" "$CACHE/pip"
+# per mode: two runs at once must not share apt's archive lock
+ARCHIVES=$CACHE/archives-$MODE
+mkdir -p "$ARCHIVES/partial" "$CACHE/pip"
 KEY=$(printf 'format=%s suite=%s mirror=%s include=%s\n' "$BASE_FORMAT" "$SUITE" "$MIRROR" "$INCLUDE" \
       | sha256sum | cut -c1-16)
 BASE=$CACHE/base-$SUITE-$KEY.tar
@@ -76,7 +78,7 @@ if [ ! -f "$BASE" ]; then
     log "building the $SUITE base (minbase + $INCLUDE) from $MIRROR"
     t=$SECONDS
     tmp=$(mktemp -d "$CACHE/tmp.base.XXXXXX")
-    debootstrap --variant=minbase --include="$INCLUDE" --cache-dir="$CACHE/archives" \
+    debootstrap --variant=minbase --include="$INCLUDE" --cache-dir="$ARCHIVES" \
         "$SUITE" "$tmp/root" "$MIRROR" >&2 \
         || { log "debootstrap failed; see $tmp/root/debootstrap/debootstrap.log"; exit 2; }
     rm -rf "$tmp/root/var/lib/apt/lists/"* "$tmp/root/var/cache/apt/archives/"*.deb
@@ -166,7 +168,7 @@ T_RUN=$SECONDS
 set +e
 timeout -k 30 "${CHROOT_TIMEOUT:-3600}" \
 unshare --mount --propagation private -- bash -euc '
-    root=$1; cache=$2; inner=$3
+    root=$1; cache=$2; inner=$3; archives=$4
     mount --bind "$root" "$root"
     mount -t proc proc "$root/proc"
     mount -t sysfs sysfs "$root/sys"
@@ -176,13 +178,13 @@ unshare --mount --propagation private -- bash -euc '
     mount -t tmpfs -o mode=755 tmpfs "$root/run"
     mkdir -p "$root/run/lock"
     mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
-    mount --bind "$cache/archives" "$root/var/cache/apt/archives"
+    mount --bind "$archives" "$root/var/cache/apt/archives"
     mount --bind "$cache/pip" "$root/root/.cache/pip"
     exec chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 \
         /bin/bash -c "$inner"
-' chroot-run "$ROOT" "$CACHE" "$INNER"
+' chroot-run "$ROOT" "$CACHE" "$INNER" "$ARCHIVES"
 RC=$?
 set -e
 log "$MODE: exit $RC (run $((SECONDS - T_RUN)) s, total $((SECONDS - T0)) s)"
