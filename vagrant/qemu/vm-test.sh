@@ -12,7 +12,9 @@
 #   VM_EXTRA_FILES        space-separated host files/dirs copied to /extra in the guest
 #   VM_PROJECT_DIR        tree shared as /project (default: the repo root, ../.. of this script)
 #   VM_KERNEL_PKG         exact kernel package to use instead of the newest for the series
-#   VM_DEBIAN_MIRROR      mirror for debootstrap/private apt (default http://deb.debian.org/debian)
+#   VM_DEBIAN_MIRROR      mirror for debootstrap/private apt (default: the one serving
+#                         bookworm in this machine's apt sources, vagrant/apt-sources.sh)
+#   VM_SECURITY_MIRROR    the same for bookworm-security (default: from the apt sources)
 #   VM_SMP, VM_MEM        guest CPUs (default 2) and memory in MiB (default 2048)
 #   VM_QEMU_ARGS          extra qemu arguments (word-split)
 #   PYCONNTRACK_*, HYPOTHESIS_*  forwarded into the guest environment
@@ -26,8 +28,11 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PROJECT_DIR=$(cd "${VM_PROJECT_DIR:-$SCRIPT_DIR/../..}" && pwd)
 CACHE=${PYCONNTRACK_VM_CACHE:-/var/cache/pyconntrack-vm}
 VM_TIMEOUT=${VM_TIMEOUT:-1500}
-MIRROR=${VM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
+# shellcheck source=../apt-sources.sh
+. "$SCRIPT_DIR/../apt-sources.sh"
+MIRROR=${VM_DEBIAN_MIRROR:-$(host_debian_mirror "$SUITE")}
+SECURITY=${VM_SECURITY_MIRROR:-$(host_security_mirror "$SUITE")}
 PKG_FILE=$SCRIPT_DIR/guest-packages.txt
 # Bump when the way the rootfs is built changes (it is part of the cache key).
 ROOTFS_FORMAT=2
@@ -43,6 +48,7 @@ case "$KERNEL" in
     6.1|6.12) ;;
     *) echo "usage: $0 6.1|6.12" >&2; exit 2 ;;
 esac
+[ -n "$MIRROR" ] || die "no '$SUITE' entry in this machine's apt sources; set VM_DEBIAN_MIRROR"
 
 if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null || die "must run as root (debootstrap, apt-get)"
@@ -84,13 +90,12 @@ apt_cache_private() {
 }
 setup_apt_private() {
     mkdir -p "$APT_PRIVATE/lists/partial" "$APT_PRIVATE/cache/archives/partial"
-    local sec=${MIRROR%/debian}/debian-security
-    cat > "$APT_PRIVATE/sources.list" <<EOF
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR bookworm main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR bookworm-updates main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $sec bookworm-security main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR bookworm-backports main
-EOF
+    local key=/usr/share/keyrings/debian-archive-keyring.gpg
+    {
+        printf 'deb [signed-by=%s] %s %s main\n' "$key" "$MIRROR" bookworm "$key" "$MIRROR" \
+            bookworm-updates "$key" "$MIRROR" bookworm-backports
+        [ -z "$SECURITY" ] || printf 'deb [signed-by=%s] %s bookworm-security main\n' "$key" "$SECURITY"
+    } > "$APT_PRIVATE/sources.list"
     apt_private update -q >&2
 }
 
@@ -206,9 +211,11 @@ ensure_rootfs() {
     # python3-ply-lex-3.10), so bootstrap minbase and let apt inside it do the rest.
     debootstrap --variant=minbase "$SUITE" "$dir" "$MIRROR" >&2 \
         || { log "debootstrap failed; see $dir/debootstrap/debootstrap.log"; exit 2; }
-    local sec=${MIRROR%/debian}/debian-security
-    printf 'deb %s %s main\n' "$MIRROR" "$SUITE" "$MIRROR" "$SUITE-updates" \
-        "$sec" "$SUITE-security" > "$dir/etc/apt/sources.list"
+    {
+        printf 'deb %s %s main\n' "$MIRROR" "$SUITE" "$MIRROR" "$SUITE-updates"
+        [ -z "$SECURITY" ] || printf 'deb %s %s-security main\n' "$SECURITY" "$SUITE"
+    } > "$dir/etc/apt/sources.list"
+    host_apt_conf > "$dir/etc/apt/apt.conf.d/90host"   # e.g. Check-Valid-Until for a snapshot
     # only /proc is mounted (never bind /dev: an rm -rf of a half-built tree
     # would then delete the host's device nodes); debootstrap made /dev/null etc.
     mount -t proc proc "$dir/proc"
