@@ -126,6 +126,9 @@ for conf in /etc/pip.conf /etc/xdg/pip/pip.conf; do
         cp -L "$cert" "$ROOT/etc/pip-host-ca.pem"
         sed -i 's|^\([[:space:]]*cert[[:space:]]*=\).*|\1 /etc/pip-host-ca.pem|' "$ROOT$conf"
     fi
+    for f in $(sed -n 's/^[[:space:]]*constraint[[:space:]]*=[[:space:]]*//p' "$conf"); do
+        [ -f "$f" ] && mkdir -p "$ROOT$(dirname "$f")" && cp -L "$f" "$ROOT$f"
+    done
 done
 mkdir -p "$ROOT/root/.cache/pip"
 
