@@ -140,14 +140,17 @@ fresh)
         || log "note: uncommitted changes in $PROJECT_DIR are not tested (HEAD $rev is)"
     git clone -q --no-checkout "$PROJECT_DIR" "$ROOT/root/pyconntrack"
     git -C "$ROOT/root/pyconntrack" checkout -q -B fresh-test "$rev"
-    INNER='set -e
-cd /root/pyconntrack
+    # both run whatever the first gives, so one run reports both
+    INNER='cd /root/pyconntrack || exit 2
 t=$SECONDS
-PYCONNTRACK_REQUIRE_KERNEL=1 make test
-echo "FRESH-TIME test $((SECONDS - t))"
+make build >/dev/null; echo "fresh-test: make build (deps, venv, build) exit $? in $((SECONDS - t)) s"
 t=$SECONDS
-make demo
-echo "FRESH-TIME demo $((SECONDS - t))"'
+PYCONNTRACK_REQUIRE_KERNEL=1 make test; test_rc=$?
+echo "fresh-test: make test exit $test_rc in $((SECONDS - t)) s"
+t=$SECONDS
+make demo; demo_rc=$?
+echo "fresh-test: make demo exit $demo_rc in $((SECONDS - t)) s"
+[ $test_rc -eq 0 ] && [ $demo_rc -eq 0 ]'
     ;;
 wheel)
     WHEEL=${CHROOT_WHEEL:-$(ls -t "$PROJECT_DIR"/dist/pyconntrack-*.whl 2>/dev/null | head -n1 || true)}
