@@ -78,13 +78,21 @@ class Checker:
             return int(self._run(["conntrack", "-C"]).split()[0])
         return int(self._run(["cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).split()[0])
 
-    def per_zone(self) -> Optional[Counter]:
+    def per_zone(self, attempts: int = 3) -> Optional[Counter]:
+        """Entries per zone from ``conntrack -L``. A kernel dump misses or
+        repeats entries when the (machine-wide) hash table is resized while
+        it runs, so a listing counts only if its total is ``conntrack -C``'s;
+        else it is retried (the last one is returned, and then disagrees)."""
         if not self.tools:
             return None
         zones: Counter = Counter()
-        for line in self._run(["conntrack", "-L"]).splitlines():
-            m = ZONE_RE.search(line)
-            zones[int(m.group(1)) if m else 0] += 1
+        for _ in range(attempts):
+            zones = Counter()
+            for line in self._run(["conntrack", "-L"]).splitlines():
+                m = ZONE_RE.search(line)
+                zones[int(m.group(1)) if m else 0] += 1
+            if sum(zones.values()) == self.total():
+                break
         return zones
 
 
@@ -189,21 +197,27 @@ def run(entries: int = 200_000, zones: int = 1000, out: Optional[TextIO] = None,
                 # an agent's process meets an index attached before it started:
                 # its first delete opens the index (loads the programs, reuses
                 # the pinned maps); the next ones are warm
+                def first_call(z: int):
+                    # wall clock of the whole call: DeleteResult.elapsed_s
+                    # starts after the index is open
+                    start = time.perf_counter()
+                    deleted, _, note = pct_delete(z, "index", agent)
+                    return deleted, time.perf_counter() - start, note
+
                 with Conntrack(ns) as agent:
                     z = next(zone_ids)
-                    measure("pyconntrack index, 1st", [z],
-                            lambda: pct_delete(z, "index", agent))
+                    measure("pyconntrack index, 1st", [z], lambda: first_call(z))
                     z2 = next(zone_ids)
                     measure("pyconntrack index", [z2], lambda: pct_delete(z2, "index", agent))
-                if rows[-1]["ok"] and rows[-2]["ok"]:
-                    rows[-2]["note"] += " (includes opening the index)"
-                    rows[-1]["note"] += " (warm)"
+                first, warm = rows[-2], rows[-1]
+                first["note"] += " (1st call of a process, wall clock: opens the index)"
+                warm["note"] += " (warm)"
             finally:
                 ct.detach_index()
             extra_lines.append(f"index: attach + seed of {attached.seeded} entries "
-                               f"{attach_s * 1000:.1f} ms (once per namespace); first delete "
-                               f"of a process {rows[-2]['seconds'] * 1000:.1f} ms (opens the "
-                               f"index); warm delete {rows[-1]['seconds'] * 1000:.1f} ms")
+                               f"{attach_s * 1000:.1f} ms (once per namespace); a process's "
+                               f"first delete {first['seconds'] * 1000:.1f} ms (wall clock, "
+                               f"opens the index); warm delete {warm['seconds'] * 1000:.1f} ms")
         else:
             rows.append({"method": "pyconntrack index", "zones": 0, "deleted": 0, "seconds": 0.0,
                          "note": f"unavailable: {caps.index_error}", "verified": 0, "ok": True,
