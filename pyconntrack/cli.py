@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("probe", help="what this kernel's filters really do")
+    p.add_argument("--refresh", action="store_true",
+                   help="probe the kernel again and rewrite the per-boot cache")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
 
@@ -121,11 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_probe(a) -> int:
-    caps = probe_capabilities()
+    from . import probe_cache
+    caps = probe_capabilities(refresh=a.refresh)
+    out = {**caps.to_dict(), "source": probe_cache.last["source"],
+           "cache": probe_cache.last["cache"]}
     if a.json:
-        print(json.dumps(caps.to_dict()))
+        print(json.dumps(out))
     else:
-        for key, value in caps.to_dict().items():
+        for key, value in out.items():
             print(f"{key:<26} {value}")
     return EXIT_OK
 
