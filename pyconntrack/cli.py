@@ -84,7 +84,17 @@ def zone_text(zone: int, zone_dir: str) -> str:
     return f"zone={zone}" if zone_dir == "both" else f"zone-{zone_dir}={zone}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Optional[List[str]]) -> Optional[str]:
+    """The subcommand named in argv (the first word not starting with '-')."""
+    for word in sys.argv[1:] if argv is None else argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; a plugin's module (bench, index) is imported only when it is
+    the ``command`` run or no command is known (start-up time of the CLI)."""
     parser = _Parser(prog="pyconntrack", description="Zone-aware conntrack cleaner.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -112,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", default="3600", help="seconds")
 
     for name, module in PLUGINS.items():
-        importlib.import_module(module).add_parser(sub, name)
+        if command is None or command == name:
+            importlib.import_module(module).add_parser(sub, name)
+        else:  # a stand-in: listed in --help, never parsed
+            sub.add_parser(name, help=PLUGIN_HELP[name], add_help=False)
 
     p = sub.add_parser("demo", help="fill a scratch netns and clean zones every way")
     p.add_argument("--entries", type=int, default=200_000)
@@ -219,13 +232,15 @@ def _cmd_demo(a) -> int:
 # Subcommands living in their own modules: each has add_parser(sub, name)
 # and run(args) -> exit code.
 PLUGINS = {"bench": "pyconntrack.bench", "index": "pyconntrack.index_cli"}
+PLUGIN_HELP = {"bench": "benchmark against peers and the kernel floor (scratch netns)",
+               "index": "eBPF zone index: attach, detach, status, audit"}
 
 COMMANDS = {"probe": _cmd_probe, "list": _cmd_list, "count": _cmd_count,
             "delete": _cmd_delete, "create": _cmd_create, "demo": _cmd_demo}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
     try:
         if args.command in PLUGINS:
             return importlib.import_module(PLUGINS[args.command]).run(args)

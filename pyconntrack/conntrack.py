@@ -496,7 +496,9 @@ class Conntrack:
             caps = self.capabilities()
             if not caps.netfilter_bpf:
                 return None
-            self._zone_index = index_mod.ZoneIndex(self._path, self.netns)
+            self._zone_index = index_mod.ZoneIndex(
+                self._path, self.netns,
+                known=(caps.netfilter_bpf, caps.zoned_kfuncs, caps.index_error))
         return self._zone_index
 
     def _index_state(self, f: Filter) -> IndexState:

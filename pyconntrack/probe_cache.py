@@ -43,7 +43,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import stat
 import threading
 from typing import Callable, Optional, Tuple
@@ -310,7 +309,7 @@ def save(store: Store, caps: Capabilities) -> str:
         return f"not written: {exc}"
     except OSError as exc:
         return f"not written: {exc.strerror or exc}"
-    tmp = f".{FILE_NAME}.{os.getpid()}.{secrets.token_hex(6)}"
+    tmp = f".{FILE_NAME}.{os.getpid()}.{os.urandom(6).hex()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644, dir_fd=dfd)
