@@ -11,12 +11,13 @@ processes read it instead of walking the table.
 A cached verdict is trusted only when all of this holds, otherwise it is
 ignored and the kernel probed again (and, by root, the file rewritten):
 
-- every directory from ``/`` down is a real directory (no symlink) owned by
-  root and not writable by group or others (an ancestor may instead be
-  sticky, like /tmp); the cache directory itself is never sticky-exempt;
+- every directory above the cache directory is a real directory (no
+  symlink) owned by root and not writable by group or others (or sticky,
+  like /tmp); the cache directory is opened with O_NOFOLLOW and must be
+  root's with mode 0700 or 0755;
 - the file is opened with O_NOFOLLOW (a symlink is refused), and ``fstat``
-  shows a regular file owned by root, not writable by group or others, with
-  one link and at most 64 KiB;
+  shows a regular file owned by root with mode 0600 or 0644, one link and
+  at most 64 KiB;
 - it is strict JSON with exactly the expected keys and value types;
 - its key matches this process: cache format, pyconntrack version, the
   SHA-256 of the compiled shim (which holds the probe), the Capabilities
@@ -156,12 +157,22 @@ def capeff() -> int:
 
 # ------------------------------------------------------------ safe file access
 
+DIR_MODES = (0o700, 0o755)
+FILE_MODES = (0o600, 0o644)
+
+
 def _safe_mode(st: os.stat_result, sticky_ok: bool) -> bool:
+    """An ancestor directory: root's, not writable by others unless sticky."""
     if st.st_uid != 0:
         return False
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) == 0:
         return True
     return sticky_ok and bool(st.st_mode & stat.S_ISVTX)
+
+
+def _exact_mode(st: os.stat_result, modes: tuple) -> bool:
+    """The cache directory or file: root's, with exactly one of ``modes``."""
+    return st.st_uid == 0 and stat.S_IMODE(st.st_mode) in modes
 
 
 def _check_ancestors(directory: str) -> None:
@@ -182,9 +193,11 @@ def _check_ancestors(directory: str) -> None:
 
 def _open_dir(directory: str, create: bool) -> int:
     _check_ancestors(directory)
+    created = False
     if create:
         try:
             os.mkdir(directory, 0o755)
+            created = True
         except FileExistsError:
             pass
     try:
@@ -194,9 +207,13 @@ def _open_dir(directory: str, create: bool) -> int:
             raise Unsafe(f"{directory} is a symlink or not a directory") from None
         raise
     st = os.fstat(fd)
-    if not _safe_mode(st, sticky_ok=False):
+    if created and st.st_uid == 0 and stat.S_IMODE(st.st_mode) not in DIR_MODES:
+        os.fchmod(fd, 0o755)  # ours, just made: the umask narrowed it
+        st = os.fstat(fd)
+    if not _exact_mode(st, DIR_MODES):
         os.close(fd)
-        raise Unsafe(f"{directory} is not owned by root or is writable by group/others")
+        raise Unsafe(f"{directory} is not root's with mode 0700 or 0755 "
+                     f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
     return fd
 
 
@@ -216,8 +233,9 @@ def _read(store: Store) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise Unsafe(f"{store.path} is not a regular file")
-        if not _safe_mode(st, sticky_ok=False):
-            raise Unsafe(f"{store.path} is not owned by root or is writable by group/others")
+        if not _exact_mode(st, FILE_MODES):
+            raise Unsafe(f"{store.path} is not root's with mode 0600 or 0644 "
+                         f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
         if st.st_nlink != 1:
             raise Unsafe(f"{store.path} has {st.st_nlink} links")
         if st.st_size > MAX_BYTES:

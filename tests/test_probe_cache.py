@@ -141,7 +141,8 @@ def test_symlinked_directory_is_refused(store, tmp_path):
 
 
 @pytest.mark.parametrize("tamper", ["owner", "group_owner_only", "mode_666", "mode_664",
-                                    "hardlink", "dir_mode", "dir_owner", "fifo"])
+                                    "mode_755", "setuid", "hardlink", "dir_mode", "dir_750",
+                                    "dir_owner", "fifo"])
 def test_untrusted_file_is_ignored(store, tmp_path, tamper):
     _valid_file(store)
     if tamper == "owner":
@@ -153,6 +154,12 @@ def test_untrusted_file_is_ignored(store, tmp_path, tamper):
         os.chmod(store.path, 0o666)
     elif tamper == "mode_664":
         os.chmod(store.path, 0o664)
+    elif tamper == "mode_755":
+        os.chmod(store.path, 0o755)
+    elif tamper == "setuid":
+        os.chmod(store.path, 0o4644)
+    elif tamper == "dir_750":
+        os.chmod(store.directory, 0o750)
     elif tamper == "hardlink":
         os.link(store.path, tmp_path / "second-name")
     elif tamper == "dir_mode":
@@ -318,3 +325,16 @@ def test_cli_probe_uses_then_refreshes_the_cache(tmp_path):
     os.unlink(os.path.join(d, probe_cache.FILE_NAME))
     off = _cli_probe({**env, "PYCONNTRACK_PROBE_CACHE": "0"})
     assert off["source"] == "probe" and not os.listdir(d)
+
+
+def test_umask_does_not_leave_an_unusable_directory(store):
+    old = os.umask(0o027)
+    try:
+        p = Prober()
+        p.get(store)
+        p.get(store)
+    finally:
+        os.umask(old)
+    assert p.calls == 1, probe_cache.last
+    assert os.stat(store.directory).st_mode & 0o777 == 0o755
+    assert os.stat(store.path).st_mode & 0o777 == 0o644
