@@ -793,7 +793,7 @@ class StartupSection:
 
     def _cli(self, args: List[str], env: dict) -> tuple:
         start = time.perf_counter()
-        p = subprocess.run(self.argv + args, env=env, capture_output=True, text=True)
+        p = subprocess.run([*self.argv, *args], env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if p.returncode != 0:
             raise ConntrackError(f"pyconntrack {' '.join(args)}: exit {p.returncode}: "
