@@ -757,6 +757,7 @@ STARTUP_FIGURES = {
     # id: (label, baseline id or None)
     "raw_flush": ("kernel zone flush (raw netlink, in a warm process)", None),
     "cli_delete": ("`pyconntrack delete --zone Z` (auto: the index when attached)", "raw_flush"),
+    "cli_delete_work": ("... of which the delete itself (its `elapsed_s`)", "raw_flush"),
     "cli_delete_flush": ("`pyconntrack delete --zone Z --strategy flush`", "raw_flush"),
     "cli_delete_nocache": ("`pyconntrack delete --zone Z`, probe cache off "
                            "(what every call paid before)", "raw_flush"),
@@ -863,6 +864,7 @@ class StartupSection:
                         s, out = self._cli(args, cold if fid == "cli_delete_nocache" else cached)
                         if fid == "cli_delete":
                             info["strategies"].add(out["strategy"])
+                            times["cli_delete_work"].append(out["elapsed_s"])
                     times[fid].append(s)
                     info["exact"] &= self._refill(z, before - ct.table_count())
                 z = b._zones(1)[0]

@@ -40,7 +40,6 @@ checks). ``PYCONNTRACK_DISABLE`` still applies on top of a cached verdict.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -105,7 +104,14 @@ def _shim_sha256() -> str:
     global _shim_digest
     if _shim_digest is None:
         from . import _pct  # type: ignore[attr-defined]
-        h = hashlib.sha256()
+        try:  # CPython's own SHA-256: hashlib would load OpenSSL (~3 ms at start-up)
+            from _sha256 import sha256  # type: ignore[import-not-found]  # 3.11
+        except ImportError:
+            try:
+                from _sha2 import sha256  # type: ignore[import-not-found]  # 3.12+
+            except ImportError:
+                from hashlib import sha256
+        h = sha256()
         with open(_pct.__file__, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 16), b""):
                 h.update(chunk)

@@ -338,3 +338,10 @@ def test_umask_does_not_leave_an_unusable_directory(store):
     assert p.calls == 1, probe_cache.last
     assert os.stat(store.directory).st_mode & 0o777 == 0o755
     assert os.stat(store.path).st_mode & 0o777 == 0o644
+
+
+def test_shim_digest_is_the_sha256_of_the_shim():
+    import hashlib
+    from pyconntrack import _pct
+    with open(_pct.__file__, "rb") as f:
+        assert probe_cache._shim_sha256() == hashlib.sha256(f.read()).hexdigest()
