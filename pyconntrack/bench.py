@@ -128,6 +128,10 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--json", action="store_true", help="JSON on stdout instead of markdown")
     p.add_argument("--from-json", metavar="FILE",
                    help="no run: re-render markdown (and, with --out, the files) from a results.json")
+    p.add_argument("--startup-only", action="store_true",
+                   help="only the CLI start-up section (end-to-end CLI latency, probe cache)")
+    p.add_argument("--no-startup", action="store_true",
+                   help="skip the CLI start-up section")
     p.add_argument("--debug", action="store_true")
 
 
@@ -508,6 +512,7 @@ class Bench:
         self._next_zone = 0
         self.refilled: set = set()
         self.index_info: Dict[str, dict] = {}
+        self.startup: Dict[str, dict] = {}     # the CLI start-up section, per size
 
     @property
     def enter(self) -> List[str]:
@@ -624,7 +629,7 @@ class Bench:
                 # capability probe's throwaway netns) stay out of the timings
                 self.pct().call(op="warmup")
                 self.peer().call(op="warmup")
-                if first:
+                if first and not o.get("startup_only"):
                     self._bulk_create(ct)
                 start = time.perf_counter()
                 created = self.table.fill(ns, Progress(size, f"filling {_human(size):>5}",
@@ -647,6 +652,8 @@ class Bench:
                     except ConntrackError as exc:
                         self.extra["pyroute2_delete_entry"] = f"not checked: {exc}"
                 self._check_index(size)
+                if o.get("startup", True):
+                    StartupSection(self, ct).run(size)
                 for scenario in SCENARIOS:
                     ms = [m for m in self.methods if m.scenario == scenario]
                     samples: Dict[str, List[dict]] = {m.id: [] for m in ms}
@@ -746,6 +753,244 @@ class Bench:
                 r["ratio_to_floor"] = r["median_s"] / floors[r["size"]]
 
 
+# ------------------------------------------------------------ CLI start-up section
+
+STARTUP_FIGURES = {
+    # id: (label, baseline id or None)
+    "raw_flush": ("kernel zone flush (raw netlink, in a warm process)", None),
+    "cli_delete": ("`pyconntrack delete --zone Z` (auto: the index when attached)", "raw_flush"),
+    "cli_delete_work": ("... of which the delete itself (its `elapsed_s`)", "raw_flush"),
+    "cli_delete_flush": ("`pyconntrack delete --zone Z --strategy flush`", "raw_flush"),
+    "cli_delete_nocache": ("`pyconntrack delete --zone Z`, probe cache off "
+                           "(what every call paid before)", "raw_flush"),
+    "raw_dump": ("kernel zone-filtered dump (raw netlink, in a warm process)", None),
+    "cli_count": ("`pyconntrack count --zone Z`", "raw_dump"),
+    "probe_cached": ("`pyconntrack probe`, cached verdict", None),
+    "probe_cold": ("`pyconntrack probe`, cache off (the probe runs)", "probe_cached"),
+    "python": ("`python -c pass` (the interpreter alone)", None),
+}
+
+
+def _cli_argv() -> List[str]:
+    """The installed console script next to this interpreter, else -m."""
+    script = os.path.join(os.path.dirname(sys.executable), "pyconntrack")
+    if os.path.isfile(script) and os.access(script, os.X_OK):
+        return [script]
+    return [sys.executable, "-m", "pyconntrack"]
+
+
+class StartupSection:
+    """End-to-end latency of one CLI process (spawn to exit, as an agent or an
+    operator runs it) against the kernel's floor measured on the same table
+    in the same run: ``delete --zone Z`` vs the raw zone flush, ``count
+    --zone Z`` vs the raw zone-filtered dump, and the capability probe cold
+    vs cached. The CLI uses a probe cache in a private directory of this run
+    (PYCONNTRACK_PROBE_CACHE=DIR), never the machine's /run/pyconntrack. Its
+    environment drops PYTHONDONTWRITEBYTECODE so that, as in an installed
+    package, modules are loaded from bytecode, not compiled at every start."""
+
+    def __init__(self, bench: "Bench", ct: Conntrack) -> None:
+        self.b = bench
+        self.ct = ct
+        self.argv = _cli_argv()
+
+    def _cli(self, args: List[str], env: dict) -> tuple:
+        start = time.perf_counter()
+        p = subprocess.run([*self.argv, *args], env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if p.returncode != 0:
+            raise ConntrackError(f"pyconntrack {' '.join(args)}: exit {p.returncode}: "
+                                 f"{p.stderr.strip()[-300:]}")
+        return seconds, (json.loads(p.stdout) if "--json" in args else p.stdout)
+
+    def _refill(self, z: int, deleted: int) -> bool:
+        table = self.b.table
+        assert table is not None
+        expected = table.entries([z])
+        if deleted != expected:  # put the zone back exactly
+            self.ct.delete(Filter(zone=z))
+        table.refill(self.ct, [z])
+        self.b.refilled.add(z)  # the index never saw the refill
+        return deleted == expected
+
+    def _attach(self, size: int) -> tuple:
+        """(attached by this section, reason it is not attached)."""
+        if str(size) in self.b.index_info:
+            return False, ""
+        try:
+            a = self.b.pct().call(op="attach_index", max_records=int(size * 1.2) + 10_000)
+        except ConntrackError as exc:
+            return False, str(exc)
+        if not a.get("attached"):
+            return False, a.get("reason", "not attached")
+        self.b.index_info[str(size)] = a
+        self.b._log(f"  eBPF index attached in {a['seconds']:.2f} s (startup section)")
+        return True, ""
+
+    def run(self, size: int) -> None:
+        import tempfile
+        b, ct = self.b, self.ct
+        reps = b.opts["reps"]
+        cache_dir = tempfile.mkdtemp(prefix="pct-bench-probe-cache-")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        cached = {**env, "PYCONNTRACK_PROBE_CACHE": cache_dir}
+        cold = {**env, "PYCONNTRACK_PROBE_CACHE": "0"}
+        ns = ["--netns", b.ns]
+        times: Dict[str, List[float]] = {k: [] for k in STARTUP_FIGURES}
+        info: dict = {"strategies": set(), "exact": True, "index": "", "counts": []}
+        attached_here = False
+        try:
+            attached_here, why = self._attach(size)
+            info["index"] = why or "attached"
+            # warm-up: writes the run's probe cache and the bytecode
+            _, first = self._cli(["probe", "--json"], cached)
+            if first.get("source") != "probe" or not first.get("probed"):
+                raise ConntrackError(f"probe cache warm-up: {first}")
+            self._cli(["count", *ns, "--zone", "65001", "--json"], cached)
+            for _ in range(reps):
+                # each figure right after its baseline (the load of a shared
+                # machine changes from second to second); the probe's own
+                # flushes (cache off) last, they hold every ctnetlink user up
+                for fid in ("raw_flush", "cli_delete", "cli_delete_flush",
+                            "cli_delete_nocache"):
+                    # the index holds only zones never refilled
+                    fresh = fid in ("cli_delete", "cli_delete_nocache")
+                    z = b._fresh_zones(1)[0] if fresh else b._zones(1)[0]
+                    before = ct.table_count()
+                    if fid == "raw_flush":
+                        s = b.peer().call(op="raw_flush", zones=[z])["seconds"]
+                    else:
+                        args = ["delete", *ns, "--zone", str(z), "--json"]
+                        if fid == "cli_delete_flush":
+                            args += ["--strategy", "flush"]
+                        s, out = self._cli(args, cold if fid == "cli_delete_nocache" else cached)
+                        if fid == "cli_delete":
+                            info["strategies"].add(out["strategy"])
+                            times["cli_delete_work"].append(out["elapsed_s"])
+                    times[fid].append(s)
+                    info["exact"] &= self._refill(z, before - ct.table_count())
+                z = b._zones(1)[0]
+                s_raw = b.peer().call(op="raw_dump", zone=z)
+                s_cli, out = self._cli(["count", *ns, "--zone", str(z), "--json"], cached)
+                times["raw_dump"].append(s_raw["seconds"])
+                times["cli_count"].append(s_cli)
+                expected = b.table.entries([z]) if b.table else -1
+                info["counts"].append([s_raw["entries"], out["count"], expected])
+                info["exact"] &= s_raw["entries"] == out["count"] == expected
+                s, out = self._cli(["probe", "--json"], cold)
+                times["probe_cold"].append(s)
+                s, out = self._cli(["probe", "--json"], cached)
+                if out.get("source") != "cache":
+                    raise ConntrackError(f"the probe cache was not used: {out.get('cache')}")
+                times["probe_cached"].append(s)
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
+                times["python"].append(time.perf_counter() - start)
+        except ConntrackError as exc:
+            b._log(f"  startup section failed: {exc}")
+            info["error"] = str(exc)
+        finally:
+            if attached_here:
+                try:
+                    b.pct().call(op="detach_index")
+                    del b.index_info[str(size)]
+                except ConntrackError as exc:
+                    b._log(f"detaching the index failed: {exc}")
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        figures = {}
+        for fid, secs in times.items():
+            if secs:
+                figures[fid] = {"median_s": statistics.median(secs), "min_s": min(secs),
+                                "max_s": max(secs), "seconds": secs}
+        for fid, (_, base) in STARTUP_FIGURES.items():
+            if base and fid in figures and base in figures:
+                figures[fid]["ratio"] = figures[fid]["median_s"] / figures[base]["median_s"]
+                # least disturbed samples of each (every ctnetlink request on the host
+                # waits for any flush in progress: the nfnetlink subsystem mutex)
+                figures[fid]["ratio_min"] = figures[fid]["min_s"] / figures[base]["min_s"]
+                # each repetition against its own baseline, measured just before
+                figures[fid]["ratio_paired"] = statistics.median(
+                    x / y for x, y in zip(times[fid], times[base]))
+                figures[fid]["baseline"] = base
+        row = {"reps": reps, "figures": figures, "cli": " ".join(self.argv),
+               "delete_strategies": sorted(info["strategies"]), "exact": info["exact"],
+               "index": info["index"], "counts": info["counts"],
+               "table_count": ct.table_count()}
+        if "error" in info:
+            row["error"] = info["error"]
+        b.startup[str(size)] = row
+        for fid, f in figures.items():
+            ratio = (f" x{f['ratio']:.2f} {f['baseline']} (min/min x{f['ratio_min']:.2f})"
+                     if "ratio" in f else "")
+            b._log(f"  startup   {fid:<20} {f['median_s'] * 1000:10.1f} ms "
+                   f"[{f['min_s'] * 1000:.1f}-{f['max_s'] * 1000:.1f}]{ratio}")
+
+
+def startup_targets(result: dict) -> List[dict]:
+    st = result.get("startup") or {}
+    if not st:
+        return []
+    big = max(st, key=int)
+    figs = st[big]["figures"]
+    out = []
+    d = figs.get("cli_delete")
+    if d and "ratio" in d:
+        strategies = ",".join(st[big].get("delete_strategies", [])) or "?"
+        out.append({"id": "S1", "target": "CLI `delete --zone Z` (index attached), end to end, "
+                                          "<= 0.5x the raw kernel zone flush",
+                    "measured": f"{d['ratio']:.2f}x at {_human(int(big))} (paired "
+                                f"{d.get('ratio_paired', 0):.2f}x, min/min "
+                                f"{d.get('ratio_min', 0):.2f}x; strategy {strategies})",
+                    "verdict": ("met" if d["ratio"] <= 0.5 else "NOT met")
+                    + ("" if "index" in strategies else " (index not used)")})
+    c = figs.get("cli_count")
+    if c and "ratio" in c:
+        out.append({"id": "S2", "target": "CLI `count --zone Z`, end to end, "
+                                          "<= 1.5x a raw zone-filtered dump",
+                    "measured": f"{c['ratio']:.2f}x at {_human(int(big))} (paired "
+                                f"{c.get('ratio_paired', 0):.2f}x, min/min "
+                                f"{c.get('ratio_min', 0):.2f}x)",
+                    "verdict": "met" if c["ratio"] <= 1.5 else "NOT met"})
+    return out
+
+
+def startup_markdown(result: dict) -> List[str]:
+    st = result.get("startup") or {}
+    if not st:
+        return []
+    sizes = sorted(st, key=int)
+    lines = ["**CLI start-up: one process, spawn to exit** (median [min-max] ms; ratio of "
+             "medians to the baseline measured in the same run; paired: median of each "
+             "repetition's ratio to the baseline measured just before it; min/min: ratio of "
+             "minima)", "",
+             "| figure | " + " | ".join(_human(int(s)) for s in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]
+    for fid, (label, base) in STARTUP_FIGURES.items():
+        cells = []
+        for s in sizes:
+            f = st[s]["figures"].get(fid)
+            if not f:
+                cells.append("")
+                continue
+            c = f"{_ms(f['median_s'])} [{_ms(f['min_s'])}-{_ms(f['max_s'])}]"
+            if "ratio" in f:
+                c += (f" ×{f['ratio']:.2f} {base} (paired ×{f.get('ratio_paired', 0):.2f}, "
+                      f"min/min ×{f.get('ratio_min', 0):.2f})")
+            cells.append(c)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for s in sizes:
+        row = st[s]
+        notes = [f"delete strategies {', '.join(row.get('delete_strategies', [])) or '-'}",
+                 f"index: {row.get('index', '')}",
+                 "exact" if row.get("exact") else "NOT exact (deleted/counted != expected)"]
+        if row.get("error"):
+            notes.append(f"error: {row['error']}")
+        lines.append(f"- {_human(int(s))}: " + "; ".join(notes))
+    lines.append("")
+    return lines
+
+
 # ------------------------------------------------------------------------ targets
 
 def _row(rows, method: str, size: int) -> Optional[dict]:
@@ -839,9 +1084,10 @@ def evaluate_targets(result: dict) -> List[dict]:
     else:
         out.append({"id": "P6", "target": "bulk create >= 300k entries/s", "measured": fills,
                     "verdict": "not measured"})
+    out += startup_targets(result)
     if big < 1_000_000:
         for t in out:
-            if t["id"] in ("P2", "P5") and t["verdict"] != "not measured":
+            if t["id"] in ("P2", "P5", "S1", "S2") and t["verdict"] != "not measured":
                 t["verdict"] += f" (target is at 1M; largest size here {_human(big)})"
     return out
 
@@ -895,6 +1141,7 @@ def markdown(result: dict) -> str:
                 cells.append(c)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += startup_markdown(result)
     lines += ["**targets**", "", "| | target | measured | verdict |", "|---|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['id']} | {t['target']} | {t['measured']} | {t['verdict']} |")
@@ -1024,8 +1271,12 @@ def options(args) -> dict:
         raise InvalidFilter("--reps must be between 1 and 50")
     if min(sizes) < zones * 2:
         raise InvalidFilter(f"every table size must be at least 2 x --zones ({2 * zones})")
+    startup_only = bool(getattr(args, "startup_only", False))
+    if startup_only and getattr(args, "no_startup", False):
+        raise InvalidFilter("--startup-only and --no-startup exclude each other")
     return {"sizes": sorted(set(sizes)), "zones": zones, "reps": reps, "budget": budget,
-            "quick": q, "bulk": QUICK["bulk"] if q else 200_000}
+            "quick": q, "bulk": QUICK["bulk"] if q else 200_000,
+            "startup": not getattr(args, "no_startup", False), "startup_only": startup_only}
 
 
 def plot_unavailable() -> Optional[str]:
@@ -1075,6 +1326,8 @@ def run(args) -> int:
         if unknown:
             raise InvalidFilter(f"unknown method(s) {', '.join(sorted(unknown))} (see --list)")
         methods = [m for m in methods if m.id in wanted or m.id == "floor"]
+    if opts["startup_only"]:
+        methods = []
     if not shutil.which("conntrack"):
         for m in methods:
             if m.id.startswith(("conntrack-tools", "neutron")):
@@ -1111,6 +1364,8 @@ def run(args) -> int:
         result["index_attach"] = bench.index_info
     if "pyroute2_delete_entry" in bench.extra:
         result["pyroute2_delete_entry"] = bench.extra["pyroute2_delete_entry"]
+    if bench.startup:
+        result["startup"] = bench.startup
     result["targets"] = evaluate_targets(result)
     _render(result, args)
     sys.stderr.write(f"bench done in {meta['duration_s']} s\n")

@@ -84,11 +84,23 @@ def zone_text(zone: int, zone_dir: str) -> str:
     return f"zone={zone}" if zone_dir == "both" else f"zone-{zone_dir}={zone}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Optional[List[str]]) -> Optional[str]:
+    """The subcommand named in argv (the first word not starting with '-')."""
+    for word in sys.argv[1:] if argv is None else argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; a plugin's module (bench, index) is imported only when it is
+    the ``command`` run or no command is known (start-up time of the CLI)."""
     parser = _Parser(prog="pyconntrack", description="Zone-aware conntrack cleaner.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("probe", help="what this kernel's filters really do")
+    p.add_argument("--refresh", action="store_true",
+                   help="probe the kernel again and rewrite the per-boot cache")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
 
@@ -110,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", default="3600", help="seconds")
 
     for name, module in PLUGINS.items():
-        importlib.import_module(module).add_parser(sub, name)
+        if command is None or command == name:
+            importlib.import_module(module).add_parser(sub, name)
+        else:  # a stand-in: listed in --help, never parsed
+            sub.add_parser(name, help=PLUGIN_HELP[name], add_help=False)
 
     p = sub.add_parser("demo", help="fill a scratch netns and clean zones every way")
     p.add_argument("--entries", type=int, default=200_000)
@@ -121,11 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_probe(a) -> int:
-    caps = probe_capabilities()
+    from . import probe_cache
+    caps = probe_capabilities(refresh=a.refresh)
+    out = {**caps.to_dict(), "source": probe_cache.last["source"],
+           "cache": probe_cache.last["cache"]}
     if a.json:
-        print(json.dumps(caps.to_dict()))
+        print(json.dumps(out))
     else:
-        for key, value in caps.to_dict().items():
+        for key, value in out.items():
             print(f"{key:<26} {value}")
     return EXIT_OK
 
@@ -214,13 +232,15 @@ def _cmd_demo(a) -> int:
 # Subcommands living in their own modules: each has add_parser(sub, name)
 # and run(args) -> exit code.
 PLUGINS = {"bench": "pyconntrack.bench", "index": "pyconntrack.index_cli"}
+PLUGIN_HELP = {"bench": "benchmark against peers and the kernel floor (scratch netns)",
+               "index": "eBPF zone index: attach, detach, status, audit"}
 
 COMMANDS = {"probe": _cmd_probe, "list": _cmd_list, "count": _cmd_count,
             "delete": _cmd_delete, "create": _cmd_create, "demo": _cmd_demo}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
     try:
         if args.command in PLUGINS:
             return importlib.import_module(PLUGINS[args.command]).run(args)

@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 from . import _lowlevel as ll
 from . import index as index_mod
+from . import probe_cache
 from .errors import (ConntrackError, InvalidFilter, KernelUnsupported, NamespaceNotFound,
                      PermissionDenied)
 from .filter import Filter, _family, _proto, _zone, _zone_dir
@@ -27,17 +28,26 @@ _probe_lock = threading.Lock()
 _probe_cache: dict = {}
 
 
+def _probe_kernel() -> Capabilities:
+    """Run the probe (a throwaway netns: its walks pay for the whole shared table)."""
+    caps = ll.probe()
+    nf_bpf, zoned, reason = index_mod.availability()
+    return Capabilities(**{**caps.to_dict(), "kernel": os.uname().release,
+                           "netfilter_bpf": nf_bpf, "zoned_kfuncs": zoned,
+                           "index_error": reason})
+
+
 def probe_capabilities(refresh: bool = False) -> Capabilities:
-    """Probe the kernel once per process (in a throwaway netns) and cache it."""
+    """What the kernel can do: probed once per process, or read from the
+    per-boot cache a root process left (pyconntrack.probe_cache: checked for
+    ownership, mode, symlinks and a key of boot id, kernel and pyconntrack
+    build). ``refresh`` probes again and rewrites the cache."""
     with _probe_lock:
         key = os.getpid()  # a forked child probes for itself
         if refresh or key not in _probe_cache:
-            caps = ll.probe()
-            nf_bpf, zoned, reason = index_mod.availability()
+            caps = probe_cache.capabilities(_probe_kernel, index_mod.availability, refresh)
             _probe_cache.clear()
-            _probe_cache[key] = Capabilities(**{
-                **caps.to_dict(), "kernel": os.uname().release, "netfilter_bpf": nf_bpf,
-                "zoned_kfuncs": zoned, "index_error": reason})
+            _probe_cache[key] = caps
         caps = _probe_cache[key]
     return _apply_disabled(caps, os.environ.get(DISABLE_ENV, ""))
 
@@ -486,7 +496,9 @@ class Conntrack:
             caps = self.capabilities()
             if not caps.netfilter_bpf:
                 return None
-            self._zone_index = index_mod.ZoneIndex(self._path, self.netns)
+            self._zone_index = index_mod.ZoneIndex(
+                self._path, self.netns,
+                known=(caps.netfilter_bpf, caps.zoned_kfuncs, caps.index_error))
         return self._zone_index
 
     def _index_state(self, f: Filter) -> IndexState:

@@ -87,8 +87,9 @@ class ZoneIndex:
     """The index of one network namespace (open an attached one, or attach)."""
 
     def __init__(self, netns_path: Optional[str], netns_label: Optional[str],
-                 max_records: int = 0) -> None:
-        ok, self.zoned_kfuncs, reason = availability()
+                 max_records: int = 0, known: Optional[tuple] = None) -> None:
+        # known: availability() as the capability probe found it (saves a program load)
+        ok, self.zoned_kfuncs, reason = known if known is not None else availability()
         if not ok:
             raise KernelUnsupported(f"eBPF zone index unavailable: {reason}")
         self.netns_path = netns_path

@@ -12,6 +12,10 @@ import subprocess
 import pytest
 
 REQUIRE_KERNEL = os.environ.get("PYCONNTRACK_REQUIRE_KERNEL") == "1"
+# The suite proves the kernel's behaviour: every process (CLI subprocesses
+# too) really probes, never trusting the per-boot cache. tests/test_probe_cache.py
+# turns it on explicitly, in directories of its own.
+os.environ["PYCONNTRACK_PROBE_CACHE"] = "0"
 
 
 def _kernel_unavailable() -> str:

@@ -86,7 +86,22 @@ def test_quick_end_to_end(tmp_path):
     assert all(r["walks"] <= 2 for r in measured if r["method"] == "pct-delete_many-100")
     assert set(result["peak_rss_kb"]) == {str(s) for s in meta["sizes"]}
     assert result["bulk_create"]["entries"] == bench.QUICK["bulk"]
-    assert [t["id"] for t in result["targets"]] == ["P1", "P2", "P3", "P4", "P5", "P6"]
+    assert [t["id"] for t in result["targets"]] == ["P1", "P2", "P3", "P4", "P5", "P6",
+                                                    "S1", "S2"]
+    # the CLI start-up section: every figure measured, ratios to the same run's floors
+    assert set(result["startup"]) == {str(s) for s in meta["sizes"]}
+    for size, row in result["startup"].items():
+        assert row["table_count"] == int(size)  # every target refilled
+        assert "error" not in row, row
+        assert row["exact"], row
+        figs = row["figures"]
+        assert set(figs) == set(bench.STARTUP_FIGURES)
+        for fid, (_, base) in bench.STARTUP_FIGURES.items():
+            f = figs[fid]
+            assert len(f["seconds"]) == meta["reps"] and f["min_s"] <= f["median_s"] <= f["max_s"]
+            if base:
+                assert f["ratio"] == pytest.approx(f["median_s"] / figs[base]["median_s"])
+    assert "**CLI start-up" in md and "| S1 |" in md
 
 
 def _fake_result():
@@ -172,3 +187,23 @@ def test_without_pyroute2_the_peer_says_which_extra():
     assert p.stderr.strip().splitlines()[-1] == f"ImportError: {bench_peers.PYROUTE2_MISSING}"
     assert bench_peers.PYROUTE2_MISSING == ("pyroute2 is needed for this peer: "
                                             "pip install 'pyconntrack[bench]'")
+
+
+def test_startup_targets_from_a_result():
+    fig = lambda t, ratio=None, base=None: {  # noqa: E731
+        "median_s": t, "min_s": t, "max_s": t, "seconds": [t],
+        **({"ratio": ratio, "baseline": base} if ratio is not None else {})}
+    result = _fake_result()
+    result["startup"] = {"100000": {
+        "reps": 1, "exact": True, "delete_strategies": ["index"], "index": "attached",
+        "figures": {"raw_flush": fig(0.3), "cli_delete": fig(0.12, 0.4, "raw_flush"),
+                    "raw_dump": fig(0.3), "cli_count": fig(0.6, 2.0, "raw_dump")}}}
+    targets = {t["id"]: t for t in bench.evaluate_targets(result)}
+    assert targets["S1"]["verdict"].startswith("met") and "0.40x" in targets["S1"]["measured"]
+    assert targets["S2"]["verdict"].startswith("NOT met")
+    result["startup"]["100000"]["delete_strategies"] = ["flush"]
+    assert "index not used" in {t["id"]: t for t in bench.evaluate_targets(result)}["S1"]["verdict"]
+    md = "\n".join(bench.startup_markdown(result))
+    assert "×0.40 raw_flush" in md and "×2.00 raw_dump" in md
+    del result["startup"]
+    assert [t["id"] for t in bench.evaluate_targets(result)] == ["P1", "P2", "P3", "P4", "P5", "P6"]

@@ -6,6 +6,7 @@ import pytest
 
 from pyconntrack import Conntrack, Filter, KernelUnsupported, probe_capabilities
 from pyconntrack import _lowlevel as ll
+from pyconntrack import probe_cache
 
 from helpers import populate, table
 
@@ -15,7 +16,8 @@ pytestmark = pytest.mark.kernel
 def test_raw_zone_flush_does_what_the_probe_says(ct):
     """Bypassing the plan, send the one-message zone flush in a scratch netns:
     where the probe found the zone ignored, it wipes every zone."""
-    caps = probe_capabilities()
+    caps = probe_capabilities(refresh=True)
+    assert probe_cache.last["source"] == "probe"  # proven now, not read from a cache
     populate(ct)
     assert {e.zone for e in ct.dump()} == {0, 1, 2, 65535}
     ll.flush(ct._h(), Filter(zone=1))
