@@ -5,6 +5,7 @@ PYCONNTRACK_REQUIRE_KERNEL=1 (CI), where a missing capability fails loudly.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,6 +13,12 @@ import subprocess
 import pytest
 
 REQUIRE_KERNEL = os.environ.get("PYCONNTRACK_REQUIRE_KERNEL") == "1"
+REQUIRE_NEUTRON = os.environ.get("PYCONNTRACK_REQUIRE_NEUTRON") == "1"
+
+# tests/with_neutron runs Neutron's own code: collected where Neutron is installed
+# (make neutron-test's venv) or required; never skipped there
+if not REQUIRE_NEUTRON and importlib.util.find_spec("neutron") is None:
+    collect_ignore = ["with_neutron"]
 
 
 def _kernel_unavailable() -> str:
