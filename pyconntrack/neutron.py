@@ -84,6 +84,24 @@ def _zones_exhausted(exc: ZonesExhausted) -> Exception:
     return err
 
 
+def _mark(mark: Any) -> Any:
+    """Neutron passes marks as ``conntrack -m`` text (the OVS firewall's
+    CT_MARK_INVALID is ``'0x1'``): ``'0x1'``, ``'5'``, ``'0x1/0xff'``;
+    falsy means no mark, as in Neutron."""
+    if not mark:
+        return None
+    if isinstance(mark, str):
+        text = mark.strip()
+        try:
+            if "/" in text:
+                value, mask = text.split("/", 1)
+                return (int(value, 0), int(mask, 0))
+            return int(text, 0)
+        except ValueError:
+            raise ValueError(f"conntrack mark {mark!r} is not a number (or number/mask)") from None
+    return mark
+
+
 def _log_failure(handle: CleanupHandle) -> None:
     try:
         r = handle.wait(0)
@@ -232,7 +250,13 @@ class IpConntrackManager:
         """Queue the deletion of the connections ``rule`` allowed on the
         devices (their fixed IPs and allowed address pairs, in their zones)."""
         devices = self._zoned(device_info_list)
-        return self._queue(f"by rule {rule!r}", lambda: self._engine.delete_by_rule(devices, rule))
+
+        def call() -> CleanupHandle:
+            r = dict(rule)
+            if "mark" in r:
+                r["mark"] = _mark(r["mark"])
+            return self._engine.delete_by_rule(devices, r)
+        return self._queue(f"by rule {rule!r}", call)
 
     def delete_conntrack_state_by_remote_ips(self, device_info_list: Iterable[Mapping[str, Any]],
                                              ethertype: Any, remote_ips: Iterable[Any],
@@ -246,7 +270,7 @@ class IpConntrackManager:
         return self._queue(
             f"by remote IPs ({ethertype}, {len(remotes)} remotes)",
             lambda: self._engine.delete_by_remote_ips(devices, ethertype, remotes,
-                                                      mark=mark or None))
+                                                      mark=_mark(mark)))
 
 
 class OvsIpConntrackManager(IpConntrackManager):
