@@ -69,7 +69,7 @@ neutron-venv: deps $(NVENV)/.stamp ## venv with Neutron $(NEUTRON_VERSION) and p
 	@$(MAKE) -s deps DEB_PACKAGES="$(NEUTRON_DEB_PACKAGES)"
 
 neutron-test: build neutron-venv ## Neutron's own managers and drivers vs the drop-in, in scratch netns
-	PYCONNTRACK_REQUIRE_NEUTRON=1 PYCONNTRACK_REQUIRE_KERNEL=1 $(NVPY) -m pytest -m neutron tests/with_neutron $(PYTEST_ARGS)
+	PYCONNTRACK_REQUIRE_NEUTRON=1 PYCONNTRACK_REQUIRE_KERNEL=1 $(NVPY) -m pytest tests/with_neutron tests/test_neutron_dropin.py $(PYTEST_ARGS)
 
 soak: build ## long hardening runs: fuzz 21k, minutes of 50k flows/s churn, 1M-entry RSS, valgrind
 	$(VPY) -m pytest -m soak $(PYTEST_ARGS)

@@ -72,14 +72,15 @@ def _zones_exhausted(exc: ZonesExhausted) -> Exception:
         return exc
 
     class ZonesExhaustedError(ZonesExhausted, CTZoneExhaustedError):
-        def __init__(self, message: str) -> None:
-            ZonesExhausted.__init__(self, message)
+        def __init__(self, message: str, errno: Optional[int], operation: Optional[str]) -> None:
+            Exception.__init__(self, message)   # NeutronException takes keywords only
             self.msg = message
+            self.errno, self.operation = errno, operation
 
         def __str__(self) -> str:
             return self.msg
 
-    err = ZonesExhaustedError(str(exc))
+    err = ZonesExhaustedError(str(exc), exc.errno, None)
     err.__cause__ = exc
     return err
 
