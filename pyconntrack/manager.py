@@ -6,8 +6,9 @@
   + 1, then the first gap, and raises :class:`ZonesExhausted` only when every
   zone of the range is taken (after freeing the zones of removed devices when
   an ``active_devices`` callable is given).
-- Cleanups on Neutron-style port dicts (``device``, ``fixed_ips``,
-  ``allowed_address_pairs``, ``network_id``): :meth:`delete_by_remote_ips`,
+- Cleanups on Neutron-style port dicts (``device``: the port id, as
+  Neutron's agents pass it, or the interface name; ``fixed_ips``,
+  ``allowed_address_pairs``, ``network_id``; ``of_port`` with ``zone_of``): :meth:`delete_by_remote_ips`,
   :meth:`delete_by_rule` (protocol, port range, direction, ethertype, remote
   CIDR, mark) and :meth:`delete_by_device`. Each becomes precise filters
   (zone + address pair), deduplicated.
@@ -460,7 +461,8 @@ class ConntrackManager:
     Neutron does; or pass ``device_key(port) -> str``. ``zone_of``: the
     zone comes from the port itself, not from the map (e.g.
     :func:`of_port_zone` for Neutron's OVS firewall, whose zone is the
-    port's local VLAN); such zones are never allocated, and 0 means none. ``initial_zones``: a ``{key: zone}`` map, e.g.
+    port's local VLAN); such zones are never allocated, and 0 means none.
+    ``initial_zones``: a ``{key: zone}`` map, e.g.
     from :func:`parse_iptables_zones` / :func:`parse_nft_zones`.
     ``active_devices``: optional callable returning the ports that still
     exist; when the range is full, the zones of other keys are freed and
@@ -934,6 +936,7 @@ class ConntrackManager:
 
 __all__ = [
     "CleanupHandle", "ConntrackManager", "ZonesExhausted", "parse_iptables_zones",
-    "parse_nft_zones", "port_networks", "port_device_key", "of_port_zone", "remote_ip_filters", "rule_filters",
+    "parse_nft_zones", "port_networks", "port_device_key", "of_port_zone",
+    "remote_ip_filters", "rule_filters",
     "ZONE_START", "MAX_ZONE",
 ]

@@ -68,7 +68,8 @@ def sh(*argv, ns=None, check=True, input=None):
 
 SENDER = """
 import socket, sys
-src, dst, dport, first, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+src, dst = sys.argv[1:3]
+dport, first, count = map(int, sys.argv[3:6])
 fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
 for sport in range(first, first + count):
     s = socket.socket(fam, socket.SOCK_DGRAM)

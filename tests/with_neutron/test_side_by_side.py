@@ -164,7 +164,8 @@ def rule_model(e, targets, rule, precise):
     for zone, nets in targets:
         if e["zone"] != zone:
             continue
-        mine, other = (e["dst"], e["src"]) if rule["direction"] == "ingress" else (e["src"], e["dst"])
+        ingress = rule["direction"] == "ingress"
+        mine, other = (e["dst"], e["src"]) if ingress else (e["src"], e["dst"])
         if not _in(mine, nets):
             continue
         if precise:
