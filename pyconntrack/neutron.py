@@ -26,7 +26,9 @@ them with examples):
    still allow. (A rule's ``remote_group_id`` is not expanded: such a rule
    cleans every remote, like Neutron.)
 2. ``icmp`` in an IPv6 rule means ICMPv6 (as in Neutron's firewall rules);
-   Neutron runs ``conntrack -p icmp -f ipv6``, which matches nothing.
+   Neutron's manager runs ``conntrack -p icmp -f ipv6``, which matches
+   nothing (its iptables drivers usually rewrite such a rule to
+   ``ipv6-icmp`` first).
 3. A remote IP of the other family is skipped; Neutron runs the command
    without the remote, deleting every entry of the device address in that
    direction.
