@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from neutron.agent import firewall as n_firewall
 from neutron.agent.common import ovs_lib
 from neutron.agent.linux import ip_conntrack as n_ct
 from neutron.agent.linux import iptables_firewall as n_fw
@@ -40,6 +41,7 @@ def test_driver_loads_through_its_entry_point_and_neutrons_loader(alias):
     assert issubclass(cls, DRIVERS[alias]) and cls is not DRIVERS[alias]
     assert cls.__module__ == "pyconntrack.neutron_drivers"
     assert runtime.load_class_by_alias_or_classname(GROUP, alias) is cls
+    assert n_firewall.load_firewall_driver_class(alias) is cls   # what the agent calls
     # by class path too, as an operator may write it
     assert runtime.load_class_by_alias_or_classname(
         GROUP, f"pyconntrack.neutron_drivers.{cls.__name__}") is cls
