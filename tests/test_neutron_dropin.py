@@ -171,3 +171,30 @@ def test_exhaustion_is_neutrons_error_too_when_neutron_lib_is_installed(fake):
         assert "in use" in str(info.value)
     finally:
         m.close()
+
+
+@pytest.mark.kernel
+def test_without_cap_net_admin_cleanups_fail_logged_the_driver_goes_on(netns):
+    """docs/neutron.md, Privileges: the manager is made, each cleanup fails
+    with EPERM on its handle and in the log, nothing is raised to the caller."""
+    code = (
+        "import logging, sys\n"
+        "from pyconntrack import PermissionDenied, neutron as pn\n"
+        "logging.basicConfig(level=logging.ERROR, stream=sys.stdout)\n"
+        "rules = ['-A X -m physdev --physdev-in tap8f46cf18-12 -j CT --zone 4105']\n"
+        f"m = pn.IpConntrackManager(lambda t: rules, {{}}, {{}}, namespace={netns!r},\n"
+        "                          zone_per_port=True)\n"
+        "port = {'device': '8f46cf18-1234-4000-8000-000000000000', 'fixed_ips': ['10.0.0.5']}\n"
+        "h = m.delete_conntrack_state_by_remote_ips([port], 'IPv4', set())\n"
+        "assert m.wait(30)\n"
+        "try:\n"
+        "    h.wait(0)\n"
+        "except PermissionDenied as e:\n"
+        "    assert e.errno == 1\n"
+        "else:\n"
+        "    sys.exit(9)\n"
+        "m.close()\n")
+    r = subprocess.run(["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", "--",
+                        sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "pyconntrack.neutron" in r.stdout and "CAP_NET_ADMIN" in r.stdout
