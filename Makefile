@@ -15,6 +15,11 @@ DEB_PACKAGES := libnetfilter-conntrack-dev libmnl-dev libbpf-dev clang llvm bpft
                 conntrack nftables iproute2 pkg-config gcc make python3-venv python3-dev \
                 util-linux libcap2-bin libelf-dev zlib1g-dev procps kmod valgrind
 PYTEST_ARGS ?=
+# make neutron-test: OpenStack Neutron in a venv of its own (~350 MB), never in .venv
+NEUTRON_VERSION ?= 29.0.0
+NVENV       := .venv-neutron
+NVPY        := $(NVENV)/bin/python
+NEUTRON_DEB_PACKAGES := iptables ipset
 KERNEL      ?= 6.12
 # in the qemu guest: the kernel-backed tests (benchmarks and the load/fuzz/memory
 # hardening runs are sized for the host, not for software emulation)
@@ -69,6 +74,19 @@ test: build ## run the whole suite (kernel tests need root; scratch netns only)
 demo: build ## fill a scratch netns and clean zones every way (the main job)
 	$(VENV)/bin/pyconntrack demo
 
+$(NVENV)/.stamp: pyproject.toml setup.py
+	$(PYTHON) -m venv $(NVENV)
+	$(NVPY) -m pip install -q --upgrade pip
+	$(NVPY) -m pip install -q "neutron==$(NEUTRON_VERSION)" cffi "setuptools>=64" wheel pytest pyroute2
+	$(NVPY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+neutron-venv: deps $(NVENV)/.stamp ## venv with Neutron $(NEUTRON_VERSION) and pyconntrack (editable)
+	@$(MAKE) -s deps DEB_PACKAGES="$(NEUTRON_DEB_PACKAGES)"
+
+neutron-test: build neutron-venv ## Neutron's own managers and drivers vs the drop-in, in scratch netns
+	PYCONNTRACK_REQUIRE_NEUTRON=1 PYCONNTRACK_REQUIRE_KERNEL=1 $(NVPY) -m pytest tests/with_neutron tests/test_neutron_dropin.py $(PYTEST_ARGS)
+
 soak: build ## long hardening runs: fuzz 21k, minutes of 50k flows/s churn, 1M-entry RSS, valgrind
 	$(VPY) -m pytest -m soak $(PYTEST_ARGS)
 
@@ -88,4 +106,4 @@ clean: ## remove build products
 	rm -rf build dist *.egg-info pyconntrack/_pct.c pyconntrack/*.so csrc/*.o pyconntrack/*.o
 
 .PHONY: help deps venv build wheel wheel-test fresh-test test demo soak bench vm-test vm-test-all \
-        vagrant-test clean
+        vagrant-test clean neutron-venv neutron-test

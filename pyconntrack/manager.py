@@ -6,8 +6,9 @@
   + 1, then the first gap, and raises :class:`ZonesExhausted` only when every
   zone of the range is taken (after freeing the zones of removed devices when
   an ``active_devices`` callable is given).
-- Cleanups on Neutron-style port dicts (``device``, ``fixed_ips``,
-  ``allowed_address_pairs``, ``network_id``): :meth:`delete_by_remote_ips`,
+- Cleanups on Neutron-style port dicts (``device``: the port id, as
+  Neutron's agents pass it, or the interface name; ``fixed_ips``,
+  ``allowed_address_pairs``, ``network_id``; ``of_port`` with ``zone_of``): :meth:`delete_by_remote_ips`,
   :meth:`delete_by_rule` (protocol, port range, direction, ethertype, remote
   CIDR, mark) and :meth:`delete_by_device`. Each becomes precise filters
   (zone + address pair), deduplicated.
@@ -78,6 +79,30 @@ class ZonesExhausted(ConntrackError):
 
 def _key_from_ifname(name: str, prefix_len: int, key_len: int) -> str:
     return name[prefix_len:][:key_len]
+
+
+_PORT_ID = re.compile(r"^[0-9a-fA-F]{8}(-|$)")
+
+
+def port_device_key(device: str, prefix_len: int = DEV_PREFIX_LEN,
+                    key_len: int = DEV_KEY_LEN) -> str:
+    """The zone-map key of a port's ``device``: a port id (what Neutron's
+    OVS-hybrid firewall passes: ``8f46cf18-12ab-...``) gives its first 11
+    characters, an interface name (``tap8f46cf18-12``, ``qvb...``) the 11
+    after its 3-character prefix. Both give the fragment Neutron writes into
+    interface names, so both find a zone loaded from ``iptables-save``. A
+    port id starts with 8 hex digits; no interface prefix (``tap``, ``qvb``,
+    ``qvo``, ``qbr``, ``brq``) does."""
+    if _PORT_ID.match(device):
+        return device[:key_len]
+    return _key_from_ifname(device, prefix_len, key_len)
+
+
+def of_port_zone(port: Mapping[str, Any]) -> Optional[int]:
+    """Neutron's OVS firewall zone: the port's local VLAN,
+    ``port["of_port"].vlan_tag`` (None when the port has no ``of_port``)."""
+    of_port = port.get("of_port")
+    return None if of_port is None else getattr(of_port, "vlan_tag", None)
 
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
@@ -431,9 +456,13 @@ class ConntrackManager:
     ``netns``: None (this namespace), a name under /var/run/netns or a path.
     ``zone_range``: ``(first, last)`` zones to allocate (default 4097..65535;
     zone 0, the host's, is never allocated). ``zone_per_port``: key zones by
-    port (``device`` name minus its 3-character prefix, 11 characters) or,
-    if False, by ``network_id`` (11 characters), as Neutron does; or pass
-    ``device_key(port) -> str``. ``initial_zones``: a ``{key: zone}`` map, e.g.
+    port (see :func:`port_device_key`: ``device`` a port id or an interface
+    name, 11 characters) or, if False, by ``network_id`` (11 characters), as
+    Neutron does; or pass ``device_key(port) -> str``. ``zone_of``: the
+    zone comes from the port itself, not from the map (e.g.
+    :func:`of_port_zone` for Neutron's OVS firewall, whose zone is the
+    port's local VLAN); such zones are never allocated, and 0 means none.
+    ``initial_zones``: a ``{key: zone}`` map, e.g.
     from :func:`parse_iptables_zones` / :func:`parse_nft_zones`.
     ``active_devices``: optional callable returning the ports that still
     exist; when the range is full, the zones of other keys are freed and
@@ -453,6 +482,7 @@ class ConntrackManager:
                  zone_range: Tuple[int, int] = (ZONE_START, MAX_ZONE), *,
                  zone_per_port: bool = True,
                  device_key: Optional[Callable[[Port], str]] = None,
+                 zone_of: Optional[Callable[[Port], Optional[int]]] = None,
                  initial_zones: Optional[Mapping[str, int]] = None,
                  active_devices: Optional[Callable[[], Iterable[Any]]] = None,
                  conntrack: Any = None,
@@ -462,6 +492,7 @@ class ConntrackManager:
         self.zone_range = (lo, hi)
         self.zone_per_port = zone_per_port
         self._device_key_fn = device_key
+        self._zone_of = zone_of
         self._active_devices = active_devices
         if (isinstance(max_filters_per_pass, bool) or not isinstance(max_filters_per_pass, int)
                 or max_filters_per_pass < 1):
@@ -544,7 +575,7 @@ class ConntrackManager:
             name = port.get("device")
             if not isinstance(name, str) or not name:
                 raise InvalidFilter(f"port has no device name: {port!r}")
-            key = name[DEV_PREFIX_LEN:][:DEV_KEY_LEN]
+            key = port_device_key(name)
         else:
             net = port.get("network_id")
             if not isinstance(net, str) or not net:
@@ -557,6 +588,8 @@ class ConntrackManager:
     def get_device_zone(self, device: Any, create: bool = True) -> Optional[int]:
         """The device's zone; allocated if ``create`` (else None when unmapped).
         Raises ZonesExhausted when every zone of the range is in use."""
+        if self._zone_of is not None:
+            return self._port_zone(_as_port(device))
         key = self.device_key(device)
         with self._zlock:
             zone = self._zones.get(key)
@@ -573,6 +606,15 @@ class ConntrackManager:
             self._zones[key] = zone
             LOG.debug("assigned conntrack zone %d to device key %s", zone, key)
             return zone
+
+    def _port_zone(self, port: Port) -> Optional[int]:
+        zone = self._zone_of(port)
+        if zone is None:
+            return None
+        if isinstance(zone, bool) or not isinstance(zone, int) or not 0 <= zone <= MAX_ZONE:
+            raise InvalidFilter(f"zone of port {port.get('device', '?')} must be 0..65535, "
+                                f"not {zone!r}")
+        return zone or None  # 0: the host's zone is never a port's
 
     def _find_open_zone(self) -> int:
         lo, hi = self.zone_range
@@ -625,9 +667,13 @@ class ConntrackManager:
     def _zoned_ports(self, devices: Any) -> Tuple[List[Tuple[Port, str, int]], List[str]]:
         found, skipped = [], []
         for port in _as_ports(devices):
-            key = self.device_key(port)
-            with self._zlock:
-                zone = self._zones.get(key)
+            if self._zone_of is not None:
+                key = str(port.get("device", "?"))
+                zone = self._port_zone(port)
+            else:
+                key = self.device_key(port)
+                with self._zlock:
+                    zone = self._zones.get(key)
             if zone is None:
                 skipped.append(str(port.get("device", key)))
                 LOG.debug("no conntrack zone for device %s: nothing to clean", key)
@@ -672,6 +718,9 @@ class ConntrackManager:
         zones instead (refused for a zone another key shares).
         ``release_zones``: forget the zones once this cleanup has run."""
         family = None if ethertype is None else _family_of(ethertype)
+        if whole_zone and self._zone_of is not None:
+            raise InvalidFilter("whole_zone refused: a zone taken from the port (zone_of, e.g. "
+                                "its local VLAN) is shared by every port of its network")
         found, skipped = self._zoned_ports(devices)
         filters: List[Filter] = []
         release = []
@@ -887,6 +936,7 @@ class ConntrackManager:
 
 __all__ = [
     "CleanupHandle", "ConntrackManager", "ZonesExhausted", "parse_iptables_zones",
-    "parse_nft_zones", "port_networks", "remote_ip_filters", "rule_filters",
+    "parse_nft_zones", "port_networks", "port_device_key", "of_port_zone",
+    "remote_ip_filters", "rule_filters",
     "ZONE_START", "MAX_ZONE",
 ]

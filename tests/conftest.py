@@ -5,6 +5,7 @@ PYCONNTRACK_REQUIRE_KERNEL=1 (CI), where a missing capability fails loudly.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,6 +17,13 @@ REQUIRE_KERNEL = os.environ.get("PYCONNTRACK_REQUIRE_KERNEL") == "1"
 # too) really probes, never trusting the per-boot cache. tests/test_probe_cache.py
 # turns it on explicitly, in directories of its own.
 os.environ["PYCONNTRACK_PROBE_CACHE"] = "0"
+
+REQUIRE_NEUTRON = os.environ.get("PYCONNTRACK_REQUIRE_NEUTRON") == "1"
+
+# tests/with_neutron runs Neutron's own code: collected where Neutron is installed
+# (make neutron-test's venv) or required; never skipped there
+if not REQUIRE_NEUTRON and importlib.util.find_spec("neutron") is None:
+    collect_ignore = ["with_neutron"]
 
 
 def _kernel_unavailable() -> str:

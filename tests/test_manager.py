@@ -654,3 +654,81 @@ def test_concurrent_submitters(mgr, fake):
     assert sorted(h.wait().deleted for h in handles) == [1] * 200
     assert fake.entries == [] and mgr.requests_done == 200
     assert mgr.walks == mgr.passes <= 200
+
+
+# -- the port dicts Neutron's agents really pass -------------------------------------------
+
+# what `iptables-save -t raw` shows after Neutron's OVS-hybrid firewall set up two ports
+# (three rules per port: physdev qvb, -i qvb, physdev tap)
+HYBRID_RAW = """*raw
+-A neutron-openvswi-PREROUTING -m physdev --physdev-in qvb8f46cf18-12 -m comment --comment "Set zone for 8f46cf18-1234-4cde-8f00-000000000001" -j CT --zone 4105
+-A neutron-openvswi-PREROUTING -i qvb8f46cf18-12 -m comment --comment "Set zone for 8f46cf18-1234-4cde-8f00-000000000001" -j CT --zone 4105
+-A neutron-openvswi-PREROUTING -m physdev --physdev-in tap8f46cf18-12 -m comment --comment "Set zone for 8f46cf18-1234-4cde-8f00-000000000001" -j CT --zone 4105
+-A neutron-openvswi-PREROUTING -m physdev --physdev-in qvb0aa1b2c3-d4 -m comment --comment "Set zone for 0aa1b2c3-d4e5-4f00-8000-000000000002" -j CT --zone 4097
+-A neutron-openvswi-PREROUTING -i qvb0aa1b2c3-d4 -m comment --comment "Set zone for 0aa1b2c3-d4e5-4f00-8000-000000000002" -j CT --zone 4097
+-A neutron-openvswi-PREROUTING -m physdev --physdev-in tap0aa1b2c3-d4 -m comment --comment "Set zone for 0aa1b2c3-d4e5-4f00-8000-000000000002" -j CT --zone 4097
+COMMIT
+"""  # noqa: E501
+PORT_ID_1 = "8f46cf18-1234-4cde-8f00-000000000001"
+PORT_ID_2 = "0aa1b2c3-d4e5-4f00-8000-000000000002"
+
+
+@pytest.mark.parametrize("device,key", [
+    (PORT_ID_1, "8f46cf18-12"), ("tap8f46cf18-12", "8f46cf18-12"),
+    ("qvb8f46cf18-12", "8f46cf18-12"), ("qvo8f46cf18-12", "8f46cf18-12"),
+    ("ABCDEF01-0000-0000-0000-000000000000", "ABCDEF01-00"), ("deadbeef", "deadbeef"),
+    ("tapfake_dev", "fake_dev")])
+def test_port_device_key_port_id_or_interface_name(device, key):
+    from pyconntrack.manager import port_device_key
+    assert port_device_key(device) == key
+
+
+def test_port_id_devices_find_the_zones_of_their_interfaces(fake):
+    """The OVS-hybrid firewall passes device = port id: its zone is the one of
+    the tap/qvb rules, and the cleanup lands in it."""
+    fake.entries = [entry(4105, "192.0.2.9", "10.0.0.5"), entry(4097, "192.0.2.9", "10.0.0.6"),
+                    entry(4105, "192.0.2.9", "10.0.0.6"), entry(0, "192.0.2.9", "10.0.0.5")]
+    with port_mgr(fake, initial_zones=parse_iptables_zones(HYBRID_RAW)) as m:
+        p1 = {"device": PORT_ID_1, "network_id": "n1", "fixed_ips": ["10.0.0.5"]}
+        p2 = {"device": PORT_ID_2, "network_id": "n1", "fixed_ips": ["10.0.0.6"]}
+        assert m.get_device_zone(p1, create=False) == 4105
+        assert m.get_device_zone(p2, create=False) == 4097
+        r = m.delete_by_remote_ips([p1, p2], "IPv4", []).wait()
+    assert r.deleted == 2
+    assert fake.entries == [entry(4105, "192.0.2.9", "10.0.0.6"), entry(0, "192.0.2.9", "10.0.0.5")]
+
+
+def test_already_zoned_port_keeps_its_zone_across_a_restart(fake):
+    """Neutron's IPConntrackZonePerPortRestoreTestCase: zones given before a
+    restart are read back from the raw table; the same ports get the same
+    zones, a new port the next free one."""
+    with port_mgr(fake, initial_zones=parse_iptables_zones(HYBRID_RAW)) as m:
+        assert m.get_device_zone({"device": PORT_ID_1}) == 4105
+        assert m.get_device_zone({"device": PORT_ID_2}) == 4097
+        assert m.get_device_zone({"device": "11111111-2222-4333-8444-555555555555"}) == 4106
+        assert m.zone_map() == {"8f46cf18-12": 4105, "0aa1b2c3-d4": 4097, "11111111-22": 4106}
+
+
+class _OFPortLike:
+    def __init__(self, vlan_tag):
+        self.vlan_tag = vlan_tag
+
+
+def test_zone_of_port_vlan_tag(fake):
+    from pyconntrack.manager import of_port_zone
+    fake.entries = [entry(7, "192.0.2.9", "10.0.0.5", mark=1), entry(7, "192.0.2.9", "10.0.0.5"),
+                    entry(8, "192.0.2.9", "10.0.0.5", mark=1)]
+    with ConntrackManager(conntrack=fake, zone_of=of_port_zone) as m:
+        port = {"device": PORT_ID_1, "fixed_ips": ["10.0.0.5"], "of_port": _OFPortLike(7)}
+        assert m.get_device_zone(port) == 7 and m.zone_map() == {}
+        assert m.get_device_zone({"device": PORT_ID_2}) is None  # no of_port: no zone
+        assert m.get_device_zone({"device": "x", "of_port": _OFPortLike(0)}) is None
+        r = m.delete_by_remote_ips([port, {"device": PORT_ID_2, "fixed_ips": ["10.0.0.5"]}],
+                                   "IPv4", [], mark=1).wait()
+        assert r.deleted == 1
+        with pytest.raises(InvalidFilter):
+            m.delete_by_device([port], whole_zone=True)
+        with pytest.raises(InvalidFilter):
+            m.get_device_zone({"device": "x", "of_port": _OFPortLike(70000)})
+    assert fake.entries == [entry(7, "192.0.2.9", "10.0.0.5"),
+                            entry(8, "192.0.2.9", "10.0.0.5", mark=1)]
