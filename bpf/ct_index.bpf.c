@@ -65,6 +65,22 @@ struct {
 	__type(value, struct cti_stats);
 } cti_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cti_meta);
+} cti_meta SEC(".maps");
+
+static __always_inline void count_removed(__u64 n)
+{
+	__u32 zero = 0;
+	struct cti_stats *st = bpf_map_lookup_elem(&cti_stats, &zero);
+
+	if (st)
+		st->removed += n;
+}
+
 static __always_inline __u64 cti_key(__u32 zone, __u64 slot)
 {
 	return ((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK);
@@ -139,6 +155,8 @@ int cti_record(struct bpf_nf_ctx *ctx)
 		bpf_core_read(&zdir, sizeof(zdir), &ct->zone.dir);
 		zone = zid;
 	}
+	if (!(zdir & CTI_ZONE_DIR_BOTH))
+		zdir = CTI_ZONE_DIR_BOTH;
 
 	t = &ct->tuplehash[0].tuple;
 	err = bpf_core_read(&l3num, sizeof(l3num), &t->src.l3num);
@@ -191,7 +209,7 @@ struct reap_ctx {
 	__u64 end;
 	__u64 new_tail;
 	__u64 visited, deleted, gone, kept, unsupported, still_there, errors,
-	      holes;
+	      holes, foreign;
 	__u32 zone;
 	__u32 op;
 	__u32 flags;
@@ -246,7 +264,7 @@ static __always_inline struct nf_conn *ct_lookup(struct reap_ctx *c,
 	opts->netns_id = BPF_F_CURRENT_NETNS;
 	opts->l4proto = r->proto;
 	opts->ct_zone_id = r->zone;
-	opts->ct_zone_dir = r->zone_dir;
+	opts->ct_zone_dir = r->zone_dir; /* never 0: the hook and CTI_OP_ADD make it 1..3 */
 	if (r->family == AF_INET) {
 		tup.ipv4.saddr = r->saddr[0];
 		tup.ipv4.daddr = r->daddr[0];
@@ -264,6 +282,37 @@ static __always_inline struct nf_conn *ct_lookup(struct reap_ctx *c,
 }
 
 enum { ACT_KEEP, ACT_REMOVE };
+
+/* Is ct the entry this record was made for? The lookup compares the zone id
+ * of the direction it matched in only, so with a directional zone (or a
+ * tuple another connection now uses in its reply direction) it may return
+ * an entry of another zone: never touch that one. */
+static __always_inline int ct_is_record(struct nf_conn *ct, const struct cti_record *r)
+{
+	const struct nf_conntrack_tuple *t = &ct->tuplehash[0].tuple;
+	struct nf_conntrack_zone z = {};
+	unsigned int a[4] = {}, diff;
+	__u16 sp = 0, dp = 0;
+	__u8 dir;
+	long err = 0;
+
+	if (bpf_core_field_exists(ct->zone))
+		bpf_core_read(&z, sizeof(z), &ct->zone);
+	err |= bpf_core_read(&sp, sizeof(sp), &t->src.u.all);
+	err |= bpf_core_read(&dp, sizeof(dp), &t->dst.u.all);
+	dir = z.dir & CTI_ZONE_DIR_BOTH;
+	dir |= (!dir) * CTI_ZONE_DIR_BOTH;
+	/* branch-free: the verifier walks this for every slot of a batch.
+	 * IPv4: the rest of both tuples' addresses is zero. */
+	diff = (z.id ^ r->zone) | (dir ^ r->zone_dir) | (sp ^ r->sport) | (dp ^ r->dport);
+	err |= bpf_core_read(a, sizeof(a), &t->src.u3);
+	diff |= (a[0] ^ r->saddr[0]) | (a[1] ^ r->saddr[1]) | (a[2] ^ r->saddr[2]) |
+		(a[3] ^ r->saddr[3]);
+	err |= bpf_core_read(a, sizeof(a), &t->dst.u3);
+	diff |= (a[0] ^ r->daddr[0]) | (a[1] ^ r->daddr[1]) | (a[2] ^ r->daddr[2]) |
+		(a[3] ^ r->daddr[3]);
+	return (err | diff) == 0;
+}
 
 static long reap_one(__u64 idx, void *data)
 {
@@ -309,6 +358,13 @@ static long reap_one(__u64 idx, void *data)
 		}
 		goto keep;
 	}
+	if (!ct_is_record(ct, &r)) {
+		/* the record's own entry is gone (it would clash with this one) */
+		bpf_ct_release(ct);
+		c->foreign++;
+		act = ACT_REMOVE;
+		goto keep;
+	}
 	if (c->op == CTI_OP_PRUNE) {
 		bpf_ct_release(ct);
 		c->kept++;
@@ -338,7 +394,8 @@ static long reap_one(__u64 idx, void *data)
 
 keep:
 	if (act == ACT_REMOVE) {
-		bpf_map_delete_elem(&cti_records, &key);
+		if (!bpf_map_delete_elem(&cti_records, &key))
+			__sync_fetch_and_add(&c->zm->removed, 1);
 		goto next;
 	}
 	/* survivor: move it to a fresh slot at the head to keep the zone compact */
@@ -363,7 +420,7 @@ int cti_reap(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	struct cti_reap_args *a = data;
 	struct reap_ctx c = {};
-	__u64 done, head;
+	__u64 done, head, removed_before;
 	__u32 budget;
 
 	if ((void *)(a + 1) > data_end)
@@ -388,7 +445,7 @@ int cti_reap(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	if (c.op == CTI_OP_ADD) {
-		__u32 i, n = a->budget, lost = 0;
+		__u32 i, n = a->budget, lost = 0, added = 0;
 
 		for (i = 0; i < CTI_ADD_MAX && i < n; i++) {
 			struct cti_record rec;
@@ -398,8 +455,19 @@ int cti_reap(struct xdp_md *ctx)
 				break;
 			if (rec.zone != c.zone)
 				continue;
+			if (!(rec.zone_dir & CTI_ZONE_DIR_BOTH))
+				rec.zone_dir = CTI_ZONE_DIR_BOTH;
 			if (cti_append(c.zm, c.zone, &rec))
 				lost++;
+			else
+				added++;
+		}
+		{
+			__u32 zero = 0;
+			struct cti_stats *st = bpf_map_lookup_elem(&cti_stats, &zero);
+
+			if (st)
+				st->seeded += added;
 		}
 		/* ctx data may have moved: re-check before writing the reply */
 		data = (void *)(long)ctx->data;
@@ -409,6 +477,34 @@ int cti_reap(struct xdp_md *ctx)
 			return XDP_ABORTED;
 		a->visited = i;
 		a->failed = lost;
+		a->status = 0;
+		return XDP_PASS;
+	}
+	if (c.op == CTI_OP_DROP) {
+		struct cti_stats *st;
+		__u32 i, n = a->budget, zero = 0;
+
+		st = bpf_map_lookup_elem(&cti_stats, &zero);
+		for (i = 0; i < CTI_DROP_MAX && i < n; i++) {
+			__u64 slot, key;
+
+			if (bpf_xdp_load_bytes(ctx, sizeof(*a) + i * sizeof(slot), &slot,
+					       sizeof(slot)))
+				break;
+			key = cti_key(c.zone, slot);
+			if (bpf_map_delete_elem(&cti_records, &key))
+				continue;
+			/* counted in maps, not in a register: keeps the loop's states few */
+			__sync_fetch_and_add(&c.zm->removed, 1);
+			if (st)
+				__sync_fetch_and_add(&st->removed, 1);
+		}
+		data = (void *)(long)ctx->data;
+		data_end = (void *)(long)ctx->data_end;
+		a = data;
+		if ((void *)(a + 1) > data_end)
+			return XDP_ABORTED;
+		a->visited = i;
 		a->status = 0;
 		return XDP_PASS;
 	}
@@ -428,6 +524,7 @@ int cti_reap(struct xdp_md *ctx)
 	c.new_tail = c.pos;
 	c.xdp = ctx;
 	__builtin_memcpy(&c.f, &a->filter, sizeof(c.f));
+	removed_before = __sync_fetch_and_add(&c.zm->removed, 0);
 
 	budget = a->budget;
 	if (budget == 0 || budget > CTI_MAX_BATCH)
@@ -449,6 +546,9 @@ int cti_reap(struct xdp_md *ctx)
 	a->still_there += c.still_there;
 	a->errors += c.errors;
 	a->holes += c.holes;
+	a->foreign += c.foreign;
+	/* only this zone's reaper or drops change its removed count meanwhile */
+	count_removed(__sync_fetch_and_add(&c.zm->removed, 0) - removed_before);
 	a->tail = c.zm->tail;
 	a->head = c.zm->head;
 	return XDP_PASS;

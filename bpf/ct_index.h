@@ -30,8 +30,18 @@
                               old value in .failed */
 #define CTI_OP_ADD 4         /* append the .budget records that follow the args
                               in the packet (entries found by a walk) */
+#define CTI_OP_DROP 5        /* delete the .budget slots (u64) that follow the
+                              args (entries deleted by other means) */
 /* Records one CTI_OP_ADD run carries after struct cti_reap_args. */
 #define CTI_ADD_MAX 64
+/* Slots one CTI_OP_DROP run carries after struct cti_reap_args. */
+#define CTI_DROP_MAX 64
+
+/* NF_CT_ZONE_DIR_* (ct->zone.dir): a zone applies to the original direction,
+ * the reply direction, or both (the default). */
+#define CTI_ZONE_DIR_ORIG 1
+#define CTI_ZONE_DIR_REPL 2
+#define CTI_ZONE_DIR_BOTH 3
 
 /* struct cti_reap_args.flags */
 #define CTI_RF_NO_REAP_LOOKUP 1 /* experiment: skip the 2nd lookup that unlinks */
@@ -56,18 +66,20 @@ struct cti_record {
 	unsigned char icmp_type;
 	unsigned char icmp_code;
 	unsigned short zone;       /* ct->zone.id */
-	unsigned char zone_dir;    /* ct->zone.dir (NF_CT_ZONE_DIR_* bits) */
+	unsigned char zone_dir;    /* ct->zone.dir (CTI_ZONE_DIR_*; never 0) */
 	unsigned char hook;        /* NF_INET_* hook that saw the entry */
 	unsigned int ts_sec;       /* bpf_ktime_get_ns() / 1e9 at record time */
 };
 
-/* Per-zone bookkeeping, BPF array indexed by zone id. 40 bytes. */
+/* Per-zone bookkeeping, BPF array indexed by zone id. 48 bytes. */
 struct cti_zone {
 	unsigned long long head;   /* next slot to reserve (monotonic) */
 	unsigned long long done;   /* finished insert attempts, ok or failed */
 	unsigned long long tail;   /* first slot that may hold a record */
 	unsigned long long failed; /* records lost (map full): zone is dirty */
 	unsigned long long added;  /* records stored since load */
+	unsigned long long removed; /* records deleted since load (added -
+	                               removed = records that exist) */
 };
 
 /* Global counters of the netfilter program (per-CPU array, 1 entry). */
@@ -78,7 +90,20 @@ struct cti_stats {
 	unsigned long long recorded;  /* records stored */
 	unsigned long long failed;    /* records lost (see cti_zone.failed) */
 	unsigned long long read_err;  /* nf_conn read failed */
+	unsigned long long seeded;    /* records stored by CTI_OP_ADD (walks) */
+	unsigned long long removed;   /* records deleted (reaper, prune, drop) */
 };
+
+/* Index-wide facts kept with the maps (array of 1, written by userspace). */
+struct cti_meta {
+	unsigned long long insert_base; /* netns "insert" statistic at the last
+	                                   attach/resync: ctnetlink and BPF inserts
+	                                   bypass the hooks and move it */
+	unsigned long long netns_cookie; /* SO_NETNS_COOKIE of the hooked netns */
+	unsigned long long attached_ns;  /* nsfs inode of that netns */
+	unsigned long long version;      /* layout version (CTI_META_VERSION) */
+};
+#define CTI_META_VERSION 2
 
 struct cti_filter {
 	unsigned int flags;        /* CTI_F_* */
@@ -123,6 +148,8 @@ struct cti_reap_args {
 	unsigned long long failed;      /* CLEAR_DIRTY: old value */
 	unsigned long long tail;        /* zone tail after this run */
 	unsigned long long head;        /* zone head after this run */
+	unsigned long long foreign;     /* lookup found another entry (other zone
+	                                   or direction, tuple reused): untouched */
 };
 
 /* ---- CFFI-CDEF-END ---- */

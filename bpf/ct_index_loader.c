@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <linux/bpf.h>
@@ -70,17 +71,26 @@ static __thread char cti_log[4096];
 static int cti_libbpf_print(enum libbpf_print_level lvl, const char *fmt,
 			    va_list ap)
 {
-	size_t len = strlen(cti_log);
+	size_t len = strlen(cti_log), keep = sizeof(cti_log) / 2;
+	char *msg = NULL;
+	int n;
 
 	if (lvl == LIBBPF_DEBUG)
 		return 0;
+	n = vasprintf(&msg, fmt, ap);
+	if (n < 0)
+		return 0;
 	/* keep the tail of the log: the verifier's last lines matter */
-	if (len > sizeof(cti_log) / 2) {
-		memmove(cti_log, cti_log + len - sizeof(cti_log) / 4,
-			sizeof(cti_log) / 4 + 1);
-		len = strlen(cti_log);
+	if ((size_t)n >= keep) {
+		memcpy(cti_log, msg + n - keep + 1, keep);
+	} else {
+		if (len + n >= sizeof(cti_log)) {
+			memmove(cti_log, cti_log + len - (keep - n - 1), keep - n);
+			len = strlen(cti_log);
+		}
+		memcpy(cti_log + len, msg, n + 1);
 	}
-	vsnprintf(cti_log + len, sizeof(cti_log) - len, fmt, ap);
+	free(msg);
 	return 0;
 }
 
@@ -133,6 +143,20 @@ static int netns_leave(int old)
 	return err;
 }
 
+int cti_check_dir(const char *dir)
+{
+	struct stat st;
+
+	/* never follow a symlink; only a root-owned 0700 directory will do */
+	if (lstat(dir, &st))
+		return -errno;
+	if (!S_ISDIR(st.st_mode))
+		return -ENOTDIR;
+	if (st.st_uid != geteuid() || (st.st_mode & 07777) != 0700)
+		return -EPERM;
+	return 0;
+}
+
 int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 {
 	struct bpf_map *map;
@@ -155,10 +179,9 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 		err = -errno;
 		goto cleanup;
 	}
-	if (chmod(c->dir, 0700)) {
-		err = -errno;
+	err = cti_check_dir(c->dir);
+	if (err)
 		goto cleanup;
-	}
 
 	c->skel = ct_index__open();
 	if (!c->skel) {
@@ -183,8 +206,8 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 		if (err)
 			goto cleanup;
 	}
-	/* reopening: adopt the pinned record map's size unless one is forced */
-	if (!max_records) {
+	/* reopening: adopt the pinned record map's size; another size is an error */
+	{
 		struct bpf_map_info info;
 		__u32 len = sizeof(info);
 		int fd;
@@ -195,7 +218,9 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 			memset(&info, 0, sizeof(info));
 			err = bpf_obj_get_info_by_fd(fd, &info, &len);
 			close(fd);
-			if (!err)
+			if (!err && max_records && info.max_entries != max_records)
+				err = -ERANGE; /* attached with another size */
+			else if (!err)
 				err = bpf_map__set_max_entries(
 					c->skel->maps.cti_records, info.max_entries);
 			if (err)
@@ -392,6 +417,7 @@ static int reap_loop(struct cti *c, unsigned int op, unsigned int zone,
 	res->still_there = a.still_there;
 	res->errors = a.errors;
 	res->visited = a.visited;
+	res->foreign = a.foreign;
 	return err ? err : err2;
 }
 
@@ -594,6 +620,8 @@ int cti_stats(struct cti *c, struct cti_stats *out)
 		out->recorded += v[i].recorded;
 		out->failed += v[i].failed;
 		out->read_err += v[i].read_err;
+		out->seeded += v[i].seeded;
+		out->removed += v[i].removed;
 	}
 cleanup:
 	free(v);
@@ -604,4 +632,82 @@ int cti_zone_records(struct cti *c, unsigned int zone, struct cti_record *buf,
 		     unsigned int n)
 {
 	return cti_zone_records_at(c, zone, buf, NULL, n);
+}
+
+int cti_netns_cookie(int netns_fd, unsigned long long *cookie)
+{
+	socklen_t len = sizeof(*cookie);
+	int old, err, fd;
+
+	*cookie = 0;
+	err = netns_enter(netns_fd, &old);
+	if (err)
+		return err;
+	fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		err = -errno;
+	else if (getsockopt(fd, SOL_SOCKET, 71 /* SO_NETNS_COOKIE */, cookie, &len))
+		err = -errno;
+	if (fd >= 0)
+		close(fd);
+	old = netns_leave(old);
+	return err ? err : old;
+}
+
+int cti_meta_get(struct cti *c, struct cti_meta *out)
+{
+	__u32 key = 0;
+
+	if (bpf_map_lookup_elem(bpf_map__fd(c->skel->maps.cti_meta), &key, out))
+		return -errno;
+	return 0;
+}
+
+int cti_meta_set(struct cti *c, const struct cti_meta *in)
+{
+	__u32 key = 0;
+
+	if (bpf_map_update_elem(bpf_map__fd(c->skel->maps.cti_meta), &key, in, BPF_ANY))
+		return -errno;
+	return 0;
+}
+
+long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long long *slots,
+			   unsigned int n)
+{
+	struct {
+		struct cti_reap_args a;
+		unsigned long long s[CTI_DROP_MAX];
+	} in, out;
+	long long dropped = 0;
+	unsigned int done = 0;
+
+	if (zone >= CTI_MAX_ZONES)
+		return -EINVAL;
+	while (done < n) {
+		unsigned int k = n - done < CTI_DROP_MAX ? n - done : CTI_DROP_MAX;
+		size_t size = sizeof(in.a) + k * sizeof(in.s[0]);
+		LIBBPF_OPTS(bpf_test_run_opts, opts,
+			.data_in = &in,
+			.data_size_in = size,
+			.data_out = &out,
+			.data_size_out = size,
+			.repeat = 1,
+		);
+		int err;
+
+		memset(&in.a, 0, sizeof(in.a));
+		in.a.op = CTI_OP_DROP;
+		in.a.zone = zone;
+		in.a.budget = k;
+		memcpy(in.s, slots + done, k * sizeof(in.s[0]));
+		err = bpf_prog_test_run_opts(bpf_program__fd(c->skel->progs.cti_reap), &opts);
+		if (err)
+			return err < 0 ? err : -EIO;
+		if (opts.retval != XDP_PASS || out.a.status)
+			return out.a.status ? out.a.status : -EIO;
+		dropped += (long long)out.a.deleted;
+		done += k;
+	}
+	return dropped;
 }

@@ -28,11 +28,15 @@ struct cti_reap_result {
 	unsigned long long errors;
 	unsigned long long visited;
 	unsigned long long runs;        /* BPF_PROG_TEST_RUN calls */
+	unsigned long long foreign;     /* records whose tuple now belongs to
+	                                   another entry (left untouched) */
 };
 
 /*
- * Load the programs. Maps are pinned in pin_dir (created with mode 0700);
- * pinned maps found there are reused.  max_records = 0 uses the default.
+ * Load the programs. Maps are pinned in pin_dir (created with mode 0700; an
+ * existing one must be a root-owned 0700 directory, not a symlink); pinned
+ * maps found there are reused.  max_records = 0 uses the default, or the
+ * pinned size; another size than the pinned one is -ERANGE.
  */
 int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out);
 /* Close fds. Pinned maps and links stay (and keep recording). */
@@ -88,6 +92,17 @@ int cti_zone_records(struct cti *c, unsigned int zone, struct cti_record *buf,
 /* Capacity of the record map. */
 long long cti_max_records(struct cti *c);
 const char *cti_last_log(void);
+/* 0 if dir is a real directory (no symlink) owned by us with mode 0700;
+ * -ENOTDIR / -EPERM otherwise. */
+int cti_check_dir(const char *dir);
+/* SO_NETNS_COOKIE of a namespace (unique, never reused). */
+int cti_netns_cookie(int netns_fd, unsigned long long *cookie);
+int cti_meta_get(struct cti *c, struct cti_meta *out);
+int cti_meta_set(struct cti *c, const struct cti_meta *in);
+/* Remove records (their entries were deleted by other means); returns how
+ * many existed. */
+long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long long *slots,
+			   unsigned int n);
 
 /* ---- CFFI-CDEF-END ---- */
 

@@ -153,17 +153,28 @@ long long pct_create(struct pct_handle *h, const struct pct_create_spec *spec,
 struct cti;
 long long pct_index_seed(struct pct_handle *h, struct cti *c, const struct pct_filter *f,
                          unsigned int kflags, long long *lost);
+/* *unsure: matched records the index could not delete safely (a reply-only
+ * zone without kfuncs, or a tuple that now names another entry): walk. */
 int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filter *f,
                      const struct cti_filter *bf, int use_kfuncs, int use_zone_attr,
-                     struct pct_delete_result *res);
+                     struct pct_delete_result *res, unsigned long long *unsure);
 /* Many zoned filters through the index, no walk: each zone's records are read
  * once, matched against that zone's filters (first match wins, as in a walk)
  * and deleted with batched netlink deletes; per_filter gets each share. */
 int pct_index_delete_each(struct pct_handle *h, struct cti *c, const struct pct_filter *fs,
                           int n, int use_kfuncs, int use_zone_attr,
-                          struct pct_delete_result *res, struct pct_delete_result *per_filter);
+                          struct pct_delete_result *res, struct pct_delete_result *per_filter,
+                          unsigned long long *unsure);
+/* One walk: live entries without a record (up to max copied to missing);
+ * with add, they are recorded (lost: records the map could not take). */
 long long pct_index_audit(struct pct_handle *h, struct cti *c, struct pct_entry *missing,
-                          int max, unsigned long long *checked);
+                          int max, unsigned long long *checked, int add, long long *lost);
+/* Creators the netfilter hooks do not see, measured without a walk:
+ * the namespace's "insert" statistic (ctnetlink and BPF inserts), summed over
+ * CPUs; Open vSwitch datapaths in the namespace (-1: unknown); nftables
+ * bridge-family tables (bridge conntrack). netns_path NULL: the caller's. */
+int pct_index_blind_spots(struct pct_handle *h, const char *netns_path,
+                          unsigned long long *insert, int *ovs_datapaths, int *bridge_tables);
 
 /* Match one entry against a filter (exposed for unit tests). */
 int pct_match(const struct pct_filter *f, const struct pct_entry *e);

@@ -6,7 +6,11 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/socket.h>
+#include <linux/genetlink.h>
+#include <linux/netfilter/nfnetlink.h>
+#include <linux/netfilter/nfnetlink_conntrack.h>
 
 #include "pct.h"
 #include "ct_index_loader.h"
@@ -25,9 +29,11 @@ static int is_icmp(unsigned char proto)
 }
 
 /* The record the netfilter program would have made for this entry. */
-static void entry_to_record(const struct pct_entry *e, struct cti_record *r)
+static void entry_to_record(const struct pct_entry *e, unsigned char zone_dir,
+                            struct cti_record *r)
 {
     memset(r, 0, sizeof(*r));
+    r->zone_dir = zone_dir ? zone_dir : CTI_ZONE_DIR_BOTH;
     memcpy(r->saddr, e->orig_src, 16);
     memcpy(r->daddr, e->orig_dst, 16);
     r->family = e->family;
@@ -89,13 +95,82 @@ static int add_sorted(struct cti *c, struct cti_record *recs, int n, long long *
     return 0;
 }
 
+/* ---- an entry's zone: id and direction -------------------------------------
+ * ctnetlink reports a zone of both directions as CTA_ZONE, a zone of one
+ * direction as CTA_TUPLE_ZONE inside that direction's tuple. The entry belongs
+ * to the zone's id whatever the direction (the kernel's 6.8+ filter meaning). */
+static void tuple_zone(const struct nlattr *tuple, unsigned char dir, unsigned short *id,
+                       unsigned char *out_dir)
+{
+    const struct nlattr *a;
+
+    mnl_attr_for_each_nested(a, tuple) {
+        if (mnl_attr_get_type(a) == CTA_TUPLE_ZONE && mnl_attr_get_payload_len(a) >= 2) {
+            *id = ntohs(mnl_attr_get_u16(a));
+            *out_dir = dir;
+        }
+    }
+}
+
+static void entry_zone(const struct nlmsghdr *nlh, unsigned short *id, unsigned char *dir)
+{
+    const struct nlattr *a;
+
+    *id = 0;
+    *dir = CTI_ZONE_DIR_BOTH;
+    mnl_attr_for_each(a, nlh, sizeof(struct nfgenmsg)) {
+        switch (mnl_attr_get_type(a)) {
+        case CTA_ZONE:
+            if (mnl_attr_get_payload_len(a) >= 2) {
+                *id = ntohs(mnl_attr_get_u16(a));
+                *dir = CTI_ZONE_DIR_BOTH;
+            }
+            break;
+        case CTA_TUPLE_ORIG:
+            tuple_zone(a, CTI_ZONE_DIR_ORIG, id, dir);
+            break;
+        case CTA_TUPLE_REPLY:
+            tuple_zone(a, CTI_ZONE_DIR_REPL, id, dir);
+            break;
+        }
+    }
+}
+
+/* The next entries of the running dump matching f, with the zone taken from
+ * its id whatever its direction (dirs[i]: the direction flags). */
+static int dump_next_zoned(struct pct_handle *h, const struct pct_filter *f,
+                           struct pct_entry *out, unsigned char *dirs, int max)
+{
+    const struct nlmsghdr *nlh;
+    const struct nlattr *orig;
+    int n = 0, rc;
+
+    while (n < max) {
+        unsigned short id;
+
+        rc = pct_next_msg(h, &nlh);
+        if (rc < 0)
+            return rc;
+        if (rc == 0)
+            break;
+        if (pct_parse_entry(nlh, &out[n], &orig) < 0)
+            continue;
+        entry_zone(nlh, &id, &dirs[n]);
+        out[n].zone = id;
+        if (pct_match(f, &out[n]))
+            n++;
+    }
+    return n;
+}
+
 long long pct_index_seed(struct pct_handle *h, struct cti *c, const struct pct_filter *f,
                          unsigned int kflags, long long *lost)
 {
     struct pct_entry *entries;
     struct cti_record *recs;
+    unsigned char dirs[SEED_BATCH];
     long long seen = 0;
-    int rc, n, i;
+    int rc, n = 0, i;
 
     *lost = 0;
     entries = malloc(SEED_BATCH * sizeof(*entries));
@@ -106,9 +181,9 @@ long long pct_index_seed(struct pct_handle *h, struct cti *c, const struct pct_f
         return -ENOMEM;
     }
     rc = pct_dump_start(h, f, kflags);
-    while (rc == 0 && (n = pct_dump_next(h, entries, SEED_BATCH)) > 0) {
+    while (rc == 0 && (n = dump_next_zoned(h, f, entries, dirs, SEED_BATCH)) > 0) {
         for (i = 0; i < n; i++)
-            entry_to_record(&entries[i], &recs[i]);
+            entry_to_record(&entries[i], dirs[i], &recs[i]);
         rc = add_sorted(c, recs, n, lost);
         seen += n;
     }
@@ -147,9 +222,18 @@ static int zone_records(struct cti *c, unsigned int zone, struct cti_record **ou
     return cti_zone_records_at(c, zone, *out, *slots, (unsigned int)window);
 }
 
+/* A netlink delete finds an entry by its original tuple and the zone id of
+ * the original direction; an entry whose zone is the reply direction's only
+ * has zone 0 there, so such a delete could hit a zone-0 entry with the same
+ * tuple: those records are left to a walk (counted in *unsure). */
+static int netlink_deletable(const struct cti_record *r)
+{
+    return r->zone_dir != CTI_ZONE_DIR_REPL;
+}
+
 int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filter *f,
                      const struct cti_filter *bf, int use_kfuncs, int use_zone_attr,
-                     struct pct_delete_result *res)
+                     struct pct_delete_result *res, unsigned long long *unsure)
 {
     struct cti_record *recs = NULL;
     unsigned long long *slots = NULL;
@@ -159,6 +243,7 @@ int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filte
     int n, i, k = 0, rc = 0;
 
     memset(res, 0, sizeof(*res));
+    *unsure = 0;
     if (!(f->fields & PCT_F_ZONE))
         return -EINVAL;
     if (use_kfuncs) {
@@ -174,6 +259,9 @@ int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filte
         res->failed += rr.errors;
         if (rr.errors)
             res->first_errno = EIO;
+        /* a record whose tuple now names another entry: that entry was left
+         * alone; the record's own is gone, but let a walk make sure */
+        *unsure += rr.foreign;
         /* the reaper counts every record its filter matched that the kfuncs
          * cannot look up (a superset of the exact matches): none, nothing left
          * to do, and no second pass over the zone */
@@ -199,6 +287,10 @@ int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filte
         record_to_entry(&recs[i], &todo[k]);
         if (!pct_match(f, &todo[k]))
             continue;
+        if (!netlink_deletable(&recs[i])) {
+            (*unsure)++;
+            continue;
+        }
         todo_slots[k++] = slots[i];
     }
     if (k) {
@@ -212,8 +304,7 @@ int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filte
             res->first_errno = dr.first_errno;
         /* records of entries now gone; on failures keep them all for a retry */
         if (!dr.failed) {
-            for (i = 0; i < k; i++)
-                cti_drop_record(c, f->zone, todo_slots[i]);
+            cti_drop_records(c, f->zone, todo_slots, k);
             if (use_kfuncs) {   /* compact the zone: move its tail past the holes */
                 struct cti_reap_result pr;
                 cti_prune_zone(c, f->zone, 0, &pr);
@@ -236,7 +327,8 @@ struct dropped {
 
 int pct_index_delete_each(struct pct_handle *h, struct cti *c, const struct pct_filter *fs,
                           int n, int use_kfuncs, int use_zone_attr,
-                          struct pct_delete_result *res, struct pct_delete_result *per_filter)
+                          struct pct_delete_result *res, struct pct_delete_result *per_filter,
+                          unsigned long long *unsure)
 {
     struct pct_ack_counts acks = {0};
     struct dropped *drops = NULL;
@@ -245,6 +337,7 @@ int pct_index_delete_each(struct pct_handle *h, struct cti *c, const struct pct_
 
     memset(res, 0, sizeof(*res));
     memset(per_filter, 0, sizeof(*per_filter) * n);
+    *unsure = 0;
     for (i = 0; i < n; i++)
         if (!(fs[i].fields & PCT_F_ZONE))
             return -EINVAL;
@@ -281,6 +374,10 @@ int pct_index_delete_each(struct pct_handle *h, struct cti *c, const struct pct_
                 }
             if (which < 0)
                 continue;
+            if (!netlink_deletable(&recs[r])) {
+                (*unsure)++;
+                continue;
+            }
             res->matched++;
             per_filter[which].matched++;
             h->owner = which;
@@ -308,7 +405,7 @@ int pct_index_delete_each(struct pct_handle *h, struct cti *c, const struct pct_
     if (!err && !res->failed) {
         size_t d;
         for (d = 0; d < n_drops; d++)
-            cti_drop_record(c, drops[d].zone, drops[d].slot);
+            cti_drop_records(c, drops[d].zone, &drops[d].slot, 1);
         if (use_kfuncs)   /* compact the touched zones */
             for (i = 0; i < n; i++) {
                 struct cti_reap_result pr;
@@ -337,15 +434,15 @@ static unsigned long long rec_hash(const struct cti_record *r)
     unsigned long long h = 1469598103934665603ULL;
     size_t i;
 
-    /* addresses, ports, family, proto, icmp type/code, zone: the first 42 bytes */
-    for (i = 0; i < offsetof(struct cti_record, zone_dir); i++)
+    /* addresses, ports, family, proto, icmp type/code, zone, zone_dir */
+    for (i = 0; i < offsetof(struct cti_record, hook); i++)
         h = (h ^ p[i]) * 1099511628211ULL;
     return h;
 }
 
 static int rec_eq(const struct cti_record *a, const struct cti_record *b)
 {
-    return !memcmp(a, b, offsetof(struct cti_record, zone_dir));
+    return !memcmp(a, b, offsetof(struct cti_record, hook));
 }
 
 static int set_add(struct rec_set *s, const struct cti_record *r)
@@ -380,10 +477,11 @@ static int set_has(const struct rec_set *s, const struct cti_record *r)
 /* Walks the table once; copies up to max missing entries into missing[]
  * and returns how many live entries have no record (or -errno). */
 long long pct_index_audit(struct pct_handle *h, struct cti *c, struct pct_entry *missing,
-                          int max, unsigned long long *checked)
+                          int max, unsigned long long *checked, int add, long long *lost)
 {
     struct rec_set set = {0};
     struct pct_entry *batch = NULL;
+    unsigned char dirs[SEED_BATCH];
     unsigned long long total = 0;
     long long n_missing = 0;
     unsigned int zone;
@@ -391,6 +489,7 @@ long long pct_index_audit(struct pct_handle *h, struct cti *c, struct pct_entry 
     int rc = 0, n, i;
 
     *checked = 0;
+    *lost = 0;
     for (zone = 0; zone < CTI_MAX_ZONES; zone++) {
         struct cti_zone z;
         if (cti_zone_stats(c, zone, &z) == 0)
@@ -418,7 +517,10 @@ long long pct_index_audit(struct pct_handle *h, struct cti *c, struct pct_entry 
             goto out;
         }
         for (i = 0; i < n; i++) {
-            recs[i].zone_dir = 0;
+            recs[i].hook = 0;
+            recs[i].ts_sec = 0;
+            if (!(recs[i].zone_dir & CTI_ZONE_DIR_BOTH))
+                recs[i].zone_dir = CTI_ZONE_DIR_BOTH;
             set_add(&set, &recs[i]);
         }
         free(recs);
@@ -426,14 +528,22 @@ long long pct_index_audit(struct pct_handle *h, struct cti *c, struct pct_entry 
     }
     memset(&all, 0, sizeof(all));
     rc = pct_dump_start(h, &all, 0);
-    while (rc == 0 && (n = pct_dump_next(h, batch, SEED_BATCH)) > 0) {
-        for (i = 0; i < n; i++) {
+    while (rc == 0 && (n = dump_next_zoned(h, &all, batch, dirs, SEED_BATCH)) > 0) {
+        for (i = 0; i < n && rc == 0; i++) {
             struct cti_record r;
 
-            entry_to_record(&batch[i], &r);
+            entry_to_record(&batch[i], dirs[i], &r);
             (*checked)++;
             if (set_has(&set, &r))
                 continue;
+            if (add) {
+                long long rc2 = cti_add_records(c, r.zone, &r, 1);
+                if (rc2 < 0) {
+                    rc = (int)rc2;
+                    break;
+                }
+                *lost += rc2;
+            }
             if (n_missing < max)
                 missing[n_missing] = batch[i];
             n_missing++;
@@ -441,9 +551,176 @@ long long pct_index_audit(struct pct_handle *h, struct cti *c, struct pct_entry 
     }
     if (rc == 0 && n < 0)
         rc = n;
+    if (rc < 0)
+        pct_dump_abort(h);
 out:
     free(set.slots);
     free(set.used);
     free(batch);
     return rc < 0 ? rc : n_missing;
+}
+
+/* ---- creators the hooks do not see --------------------------------------- */
+
+/* Send one dump request on fd and call cb for each reply message; returns
+ * 0 or -errno (an NLMSG_ERROR reply's errno). */
+static int nl_dump(int fd, char *buf, size_t cap, struct nlmsghdr *req, unsigned int seq,
+                   void (*cb)(const struct nlmsghdr *m, void *arg), void *arg)
+{
+    if (send(fd, req, req->nlmsg_len, 0) < 0)
+        return -errno;
+    for (;;) {
+        const struct nlmsghdr *m;
+        ssize_t n = recv(fd, buf, cap, 0);
+        int left;
+
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        left = (int)n;
+        for (m = (const struct nlmsghdr *)buf; mnl_nlmsg_ok(m, left);
+             m = mnl_nlmsg_next(m, &left)) {
+            if (m->nlmsg_seq != seq)
+                continue;
+            if (m->nlmsg_type == NLMSG_DONE)
+                return 0;
+            if (m->nlmsg_type == NLMSG_ERROR) {
+                const struct nlmsgerr *e = mnl_nlmsg_get_payload(m);
+                if (e->error)
+                    return e->error;
+                continue;
+            }
+            cb(m, arg);
+        }
+    }
+}
+
+static void sum_insert(const struct nlmsghdr *m, void *arg)
+{
+    const struct nlattr *a;
+
+    mnl_attr_for_each(a, m, sizeof(struct nfgenmsg)) {
+        if (mnl_attr_get_type(a) == CTA_STATS_INSERT && mnl_attr_get_payload_len(a) >= 4)
+            *(unsigned long long *)arg += ntohl(mnl_attr_get_u32(a));
+    }
+}
+
+static void count_msgs(const struct nlmsghdr *m, void *arg)
+{
+    (void)m;
+    (*(int *)arg)++;
+}
+
+static void genl_family_id(const struct nlmsghdr *m, void *arg)
+{
+    const struct nlattr *a;
+
+    mnl_attr_for_each(a, m, sizeof(struct genlmsghdr)) {
+        if (mnl_attr_get_type(a) == CTRL_ATTR_FAMILY_ID)
+            *(int *)arg = mnl_attr_get_u16(a);
+    }
+}
+
+/* Open vSwitch datapaths living in the namespace of socket fd (0 when the
+ * openvswitch module is not loaded). */
+static int ovs_datapaths(int fd, char *buf, size_t cap, unsigned int *seq)
+{
+    char req[256];
+    struct nlmsghdr *nlh;
+    struct genlmsghdr *g;
+    int family = -1, count = 0, rc;
+
+    memset(req, 0, sizeof(req));
+    nlh = mnl_nlmsg_put_header(req);
+    nlh->nlmsg_type = GENL_ID_CTRL;
+    nlh->nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
+    nlh->nlmsg_seq = ++*seq;
+    g = mnl_nlmsg_put_extra_header(nlh, sizeof(*g));
+    g->cmd = CTRL_CMD_GETFAMILY;
+    g->version = 1;
+    mnl_attr_put_strz(nlh, CTRL_ATTR_FAMILY_NAME, "ovs_datapath");
+    rc = nl_dump(fd, buf, cap, nlh, nlh->nlmsg_seq, genl_family_id, &family);
+    if (rc == -ENOENT)
+        return 0;   /* no openvswitch module: no kernel datapath anywhere */
+    if (rc < 0)
+        return rc;
+    if (family < 0)
+        return -EBADMSG;
+    memset(req, 0, sizeof(req));
+    nlh = mnl_nlmsg_put_header(req);
+    nlh->nlmsg_type = family;
+    nlh->nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+    nlh->nlmsg_seq = ++*seq;
+    g = mnl_nlmsg_put_extra_header(nlh, sizeof(*g));
+    g->cmd = 3;     /* OVS_DP_CMD_GET */
+    g->version = 2; /* OVS_DATAPATH_VERSION */
+    mnl_nlmsg_put_extra_header(nlh, sizeof(int));   /* struct ovs_header: dp_ifindex 0 */
+    rc = nl_dump(fd, buf, cap, nlh, nlh->nlmsg_seq, count_msgs, &count);
+    return rc < 0 ? rc : count;
+}
+
+int pct_index_blind_spots(struct pct_handle *h, const char *netns_path,
+                          unsigned long long *insert, int *ovs_dps, int *bridge_tables)
+{
+    char req[MNL_SOCKET_BUFFER_SIZE];
+    struct nlmsghdr *nlh;
+    unsigned int seq;
+    int fd = mnl_socket_get_fd(h->cmd_nl), rc, saved = -1, gfd;
+
+    *insert = 0;
+    *ovs_dps = -1;
+    *bridge_tables = 0;
+    if (h->batch_count)
+        return -EBUSY;
+    /* per-CPU statistics of this namespace: entries inserted by ctnetlink
+     * (and bpf_ct_insert_entry) count in "insert", packet-created ones do not */
+    memset(req, 0, sizeof(req));
+    seq = ++h->seq;
+    nlh = pct_put_request(req, IPCTNL_MSG_CT_GET_STATS_CPU, NLM_F_DUMP, AF_UNSPEC, 0, seq);
+    rc = nl_dump(fd, h->abuf, PCT_RBUF_SIZE, nlh, seq, sum_insert, insert);
+    if (rc < 0)
+        return rc;
+    /* nftables bridge-family tables: bridge conntrack uses NFPROTO_BRIDGE
+     * hooks, which netfilter BPF programs cannot attach to */
+    memset(req, 0, sizeof(req));
+    seq = ++h->seq;
+    nlh = mnl_nlmsg_put_header(req);
+    nlh->nlmsg_type = (NFNL_SUBSYS_NFTABLES << 8) | 1 /* NFT_MSG_GETTABLE */;
+    nlh->nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+    nlh->nlmsg_seq = seq;
+    {
+        struct nfgenmsg *nfg = mnl_nlmsg_put_extra_header(nlh, sizeof(*nfg));
+        nfg->nfgen_family = 7; /* NFPROTO_BRIDGE */
+        nfg->version = NFNETLINK_V0;
+    }
+    rc = nl_dump(fd, h->abuf, PCT_RBUF_SIZE, nlh, seq, count_msgs, bridge_tables);
+    if (rc == -ENOENT || rc == -EOPNOTSUPP || rc == -EPROTONOSUPPORT)
+        rc = 0;   /* no nf_tables: no bridge tables */
+    if (rc < 0)
+        return rc;
+    /* Open vSwitch's datapath: its ct() action creates entries without
+     * crossing netfilter hooks */
+    if (netns_path) {
+        rc = pct_enter_netns(netns_path, &saved);
+        if (rc < 0)
+            return rc;
+    }
+    gfd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_GENERIC);
+    rc = gfd < 0 ? -errno : 0;
+    if (netns_path) {
+        int rc2 = pct_leave_netns(saved);
+        if (!rc)
+            rc = rc2;
+    }
+    if (rc < 0) {
+        if (gfd >= 0)
+            close(gfd);
+        return rc;
+    }
+    seq = 0;
+    *ovs_dps = ovs_datapaths(gfd, h->abuf, PCT_RBUF_SIZE, &seq);
+    close(gfd);
+    return 0;
 }

@@ -337,13 +337,26 @@ class IndexHandle(_Owned):
         z = ffi.new("struct cti_zone *")
         check(lib.cti_zone_stats(self.raw, zone, z), "cti_zone_stats")
         return {"head": z.head, "done": z.done, "tail": z.tail, "failed": z.failed,
-                "added": z.added}
+                "added": z.added, "removed": z.removed}
 
     def stats(self) -> dict:
         s = ffi.new("struct cti_stats *")
         check(lib.cti_stats(self.raw, s), "cti_stats")
         return {k: getattr(s, k) for k in ("seen", "no_ct", "confirmed", "recorded", "failed",
-                                           "read_err")}
+                                           "read_err", "seeded", "removed")}
+
+    def meta(self) -> dict:
+        m = ffi.new("struct cti_meta *")
+        check(lib.cti_meta_get(self.raw, m), "cti_meta_get")
+        return {k: getattr(m, k) for k in ("insert_base", "netns_cookie", "attached_ns",
+                                           "version")}
+
+    def set_meta(self, **values) -> None:
+        m = ffi.new("struct cti_meta *")
+        check(lib.cti_meta_get(self.raw, m), "cti_meta_get")
+        for k, v in values.items():
+            setattr(m, k, v)
+        check(lib.cti_meta_set(self.raw, m), "cti_meta_set")
 
     def max_records(self) -> int:
         return check(lib.cti_max_records(self.raw), "cti_max_records")
@@ -356,6 +369,27 @@ class IndexHandle(_Owned):
         check(lib.cti_prune_zone(self.raw, zone, 0, r), "cti_prune_zone")
         return {k: getattr(r, k) for k in ("deleted", "gone", "kept", "unsupported", "visited",
                                            "runs")}
+
+
+def index_check_dir(path: str) -> int:
+    """0, or -errno: -ENOTDIR (not a real directory: symlink, file), -EPERM
+    (not ours or not mode 0700), -ENOENT."""
+    return lib.cti_check_dir(path.encode())
+
+
+def netns_cookie(netns_fd: int) -> int:
+    out = ffi.new("unsigned long long *")
+    check(lib.cti_netns_cookie(netns_fd, out), "cti_netns_cookie")
+    return out[0]
+
+
+def index_blind_spots(h: Handle, netns_path: Optional[str]) -> dict:
+    insert = ffi.new("unsigned long long *")
+    ovs = ffi.new("int *")
+    bridge = ffi.new("int *")
+    check(lib.pct_index_blind_spots(h.raw, netns_path.encode() if netns_path else ffi.NULL,
+                                    insert, ovs, bridge), "pct_index_blind_spots", h.netns)
+    return {"insert": insert[0], "ovs_datapaths": ovs[0], "bridge_tables": bridge[0]}
 
 
 def _bpf_filter(f: Filter):
@@ -396,30 +430,35 @@ def index_seed(h: Handle, ix: IndexHandle, f: Filter, kflags: int) -> tuple:
 def index_delete(h: Handle, ix: IndexHandle, f: Filter, use_kfuncs: bool,
                  use_zone_attr: bool) -> dict:
     res = ffi.new("struct pct_delete_result *")
+    unsure = ffi.new("unsigned long long *")
     rc = lib.pct_index_delete(h.raw, ix.raw, to_c_filter(f), _bpf_filter(f), int(use_kfuncs),
-                              int(use_zone_attr), res)
+                              int(use_zone_attr), res, unsure)
     check(rc, "pct_index_delete", h.netns)
     out = _result_dict(res)
     out["walks"] = 0
+    out["unsure"] = unsure[0]
     return out
 
 
 def index_delete_each(h: Handle, ix: IndexHandle, filters: Sequence[Filter], use_kfuncs: bool,
-                      use_zone_attr: bool) -> list:
+                      use_zone_attr: bool) -> tuple:
     cfs = ffi.new("struct pct_filter[]", len(filters))
     for i, f in enumerate(filters):
         to_c_filter(f, cfs[i])
     res = ffi.new("struct pct_delete_result *")
     per = ffi.new("struct pct_delete_result[]", len(filters))
+    unsure = ffi.new("unsigned long long *")
     rc = lib.pct_index_delete_each(h.raw, ix.raw, cfs, len(filters), int(use_kfuncs),
-                                   int(use_zone_attr), res, per)
+                                   int(use_zone_attr), res, per, unsure)
     check(rc, "pct_index_delete_each", h.netns)
-    return [_result_dict(per[i]) for i in range(len(filters))]
+    return [_result_dict(per[i]) for i in range(len(filters))], unsure[0]
 
 
-def index_audit(h: Handle, ix: IndexHandle, max_missing: int = 1000) -> tuple:
+def index_audit(h: Handle, ix: IndexHandle, max_missing: int = 1000,
+                add: bool = False) -> tuple:
     buf = ffi.new("struct pct_entry[]", max(max_missing, 1))
     checked = ffi.new("unsigned long long *")
-    n = check(lib.pct_index_audit(h.raw, ix.raw, buf, max_missing, checked),
+    lost = ffi.new("long long *")
+    n = check(lib.pct_index_audit(h.raw, ix.raw, buf, max_missing, checked, int(add), lost),
               "pct_index_audit", h.netns)
-    return n, checked[0], [_entry(buf[i]) for i in range(min(n, max_missing))]
+    return n, checked[0], [_entry(buf[i]) for i in range(min(n, max_missing))], lost[0]

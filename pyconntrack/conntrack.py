@@ -69,6 +69,26 @@ def _apply_disabled(caps: Capabilities, spec: str) -> Capabilities:
     return dataclasses.replace(caps, **{n: False for n in names})
 
 
+UNSURE_REASON = ("{n} records the index cannot delete safely (a reply-direction zone, "
+                 "or a tuple now used by another entry): walked")
+
+
+def _add_counts(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k in ("matched", "deleted", "already_gone", "failed"):
+        out[k] = a.get(k, 0) + b.get(k, 0)
+    out["errno"] = a.get("errno") or b.get("errno", 0)
+    return out
+
+
+def _not_attached_reason() -> str:
+    try:
+        index_mod.pin_root()
+    except index_mod.PinRootRefused as exc:
+        return f"not attached ({exc})"
+    return "not attached"
+
+
 def resolve_netns(netns: Optional[str]) -> Optional[str]:
     """A name under /var/run/netns, or an absolute path (e.g. /proc/PID/ns/net)."""
     if netns is None:
@@ -309,8 +329,9 @@ class Conntrack:
         state = self._index_state(f) if not dry_run else IndexState()
         plan = plan_delete(f, self.capabilities(), strategy, state)
         result = self._execute(plan, [f], dry_run)
-        if state.attached and state.dirty and plan.strategy != "index" and not dry_run:
-            self._resync(f.zone, plan)
+        if state.attached and (state.dirty or state.blind) and plan.strategy != "index" \
+                and not dry_run:
+            self._resync(f.zone, plan, state)
         return result
 
     def delete_many(self, filters: Iterable[Filter], dry_run: bool = False,
@@ -326,8 +347,8 @@ class Conntrack:
             return DeleteResult(sum(r.matched for r in results), sum(r.deleted for r in results),
                                 sum(r.already_gone for r in results),
                                 sum(r.failed for r in results),
-                                next((r.errno for r in results if r.errno), 0), "index", 0,
-                                first.elapsed_s, plan.reason)
+                                next((r.errno for r in results if r.errno), 0), first.strategy,
+                                first.walks, first.elapsed_s, first.reason)
         return self._execute(plan, fs, dry_run)
 
     def _plan_many(self, what: str, filters: Iterable[Filter], dry_run: bool,
@@ -361,14 +382,20 @@ class Conntrack:
 
     def _index_each(self, plan: Plan, fs: Sequence[Filter]) -> list:
         start = time.perf_counter()
+        strategy, walks, reason = "index", 0, plan.reason
         with self._lock:
             ix = self._index()
             if ix is None:
                 raise KernelUnsupported("the eBPF zone index was detached meanwhile")
-            per = ix.delete_each(self._h(), fs, plan.use_zone_attr)
+            per, unsure = ix.delete_each(self._h(), fs, plan.use_zone_attr)
+            if unsure:  # records the index could not delete safely: walk for them
+                r = self._walk(self._h(), fs, plan.kflags, False, plan.use_zone_attr)
+                per = [_add_counts(p, q) for p, q in zip(per, r["per_filter"])]
+                strategy, walks = "walk", r["walks"]
+                reason = f"{reason}; {UNSURE_REASON.format(n=unsure)}"
         elapsed = time.perf_counter() - start
         return [DeleteResult(p["matched"], p["deleted"], p["already_gone"], p["failed"],
-                             p["errno"], "index", 0, elapsed, plan.reason) for p in per]
+                             p["errno"], strategy, walks, elapsed, reason) for p in per]
 
     def delete_each(self, filters: Sequence[Filter], dry_run: bool = False,
                     allow_default_zone: bool = False, strategy: str = "auto") -> list:
@@ -442,9 +469,15 @@ class Conntrack:
                 if ix is None:
                     raise KernelUnsupported("the eBPF zone index was detached meanwhile")
                 r = ix.delete(h, filters[0], plan.use_zone_attr)
+                strategy, walks, reason = "index", 0, plan.reason
+                if r["unsure"]:  # records the index could not delete safely: walk
+                    w = self._walk(h, filters, plan.kflags, False, plan.use_zone_attr)
+                    r = _add_counts(r, w)
+                    strategy, walks = "walk", w["walks"]
+                    reason = f"{reason}; {UNSURE_REASON.format(n=r['unsure'])}"
                 return DeleteResult(r["matched"], r["deleted"], r["already_gone"], r["failed"],
-                                    r["errno"], "index", 0, time.perf_counter() - start,
-                                    plan.reason)
+                                    r["errno"], strategy, walks, time.perf_counter() - start,
+                                    reason)
             if plan.strategy == "flush" and not dry_run:
                 before = ll.table_count(h)
                 flushes = 0
@@ -492,13 +525,21 @@ class Conntrack:
                 self._zone_index.close()
                 self._zone_index = None
             return None
+        caps = self.capabilities()
+        if not caps.netfilter_bpf:
+            return None
         if self._zone_index is None:
-            caps = self.capabilities()
-            if not caps.netfilter_bpf:
-                return None
-            self._zone_index = index_mod.ZoneIndex(
+            ix = index_mod.ZoneIndex(
                 self._path, self.netns,
                 known=(caps.netfilter_bpf, caps.zoned_kfuncs, caps.index_error))
+            if ix.stale():  # pins of a gone namespace that had the same inode
+                ix.detach()
+                ix.close()
+                return None
+            self._zone_index = ix
+        # PYCONNTRACK_DISABLE=zoned_kfuncs reaches the index too
+        self._zone_index.zoned_kfuncs = self._zone_index.zoned_kfuncs_probed and \
+            caps.zoned_kfuncs
         return self._zone_index
 
     def _index_state(self, f: Filter) -> IndexState:
@@ -511,26 +552,43 @@ class Conntrack:
                 return IndexState(attached=True, refusal=refusal)
             z = ix.zone(f.zone)
             return IndexState(attached=True, refusal="", dirty=z["failed"], window=z["window"],
-                              table_slots=_buckets() + ll.table_count(self._h()))
+                              table_slots=_buckets() + ll.table_count(self._h()),
+                              blind=ix.blind_spot(self._h()))
 
-    def _resync(self, zone: int, plan: Plan) -> None:
+    def _resync(self, zone: int, plan: Plan, state: IndexState) -> None:
         with self._lock:
             ix = self._index()
-            if ix is not None:
+            if ix is None:
+                return
+            if state.dirty:
                 ix.resync_zone(self._h(), zone, plan.kflags)
+            elif state.blind and not ix.blind_spot(self._h()).startswith(
+                    ("an Open vSwitch", "could not", "nftables bridge", "tc act_ct")):
+                ix.resync_all(self._h())  # the unseen entries are recorded now
 
     def attach_index(self, max_records: int = 0) -> "index_mod.AttachResult":
         """Attach the eBPF zone index to this namespace (idempotent); one walk
         records the entries that already exist. Raises KernelUnsupported with
-        the reason where the kernel or the caller's privileges do not allow it."""
+        the reason where the kernel does not allow it, PermissionDenied where
+        the caller's privileges do not."""
         caps = self.capabilities()
         if not caps.netfilter_bpf:
-            raise KernelUnsupported(f"eBPF zone index unavailable: {caps.index_error}")
+            cls = PermissionDenied if index_mod.refused_for_privileges(caps.index_error) \
+                else KernelUnsupported
+            raise cls(f"eBPF zone index unavailable: {caps.index_error}", 1, "index")
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
             raise InvalidFilter(f"max_records must be a non-negative int, not {max_records!r}")
+        index_mod.gc()
         with self._lock:
+            if self._zone_index is not None and max_records \
+                    and max_records != self._zone_index.max_records():
+                raise ConntrackError(
+                    "the index of this namespace is attached with another --max-records; "
+                    "detach it first to change its size", 34, "attach")
             if self._zone_index is None:
-                self._zone_index = index_mod.ZoneIndex(self._path, self.netns, max_records)
+                self._zone_index = index_mod.ZoneIndex(
+                    self._path, self.netns, max_records, caps.zoned_kfuncs, create=True,
+                    known=(caps.netfilter_bpf, caps.zoned_kfuncs, caps.index_error))
             return self._zone_index.attach(self._h(), _kflags(caps))
 
     def detach_index(self) -> bool:
@@ -538,11 +596,13 @@ class Conntrack:
         with self._lock:
             ix = self._index()
             if ix is None:
+                index_mod.gc()
                 return False
             ix.detach()
             ix.close()
             self._zone_index = None
-            return True
+        index_mod.gc()
+        return True
 
     def index_status(self) -> dict:
         with self._lock:
@@ -550,8 +610,9 @@ class Conntrack:
             if ix is None:
                 caps = self.capabilities()
                 return {"attached": False, "available": caps.netfilter_bpf,
-                        "reason": caps.index_error or "not attached"}
-            return {**ix.status(), "available": True}
+                        "reason": caps.index_error or _not_attached_reason()}
+            return {**ix.status(), "available": True,
+                    "blind_spot": ix.blind_spot(self._h())}
 
     def index_audit(self, max_missing: int = 1000) -> dict:
         """Walk once and list live entries the index does not hold (entries made

@@ -8,60 +8,169 @@ unlinks them at once. Other protocols, and every protocol on kernels without
 zoned kfuncs, are deleted from the records with batched netlink deletes. So a
 zone cleanup costs O(entries of the zone), not O(table).
 
-What the index cannot see: entries created through ctnetlink (conntrack -I,
-an agent's own inserts) or by Open vSwitch's kernel datapath, which bypass the
-netfilter hooks. ``audit()`` lists live entries missing from the index. If a
-record cannot be stored (map full), its zone is marked dirty and deletes in it
-fall back to a walk, after which the zone is resynchronised.
+What the hooks cannot see: entries created through ctnetlink (conntrack -I,
+an agent's own inserts), by bpf_ct_insert_entry, by Open vSwitch's kernel
+datapath, by tc act_ct or by bridge conntrack. Before every delete
+``blind_spot()`` checks, without a walk, whether any of them may have made
+entries since the index was last synchronised (the namespace's "insert"
+statistic, OVS datapaths and nftables bridge tables in the namespace, act_ct,
+the namespace's entry count against the records); if so the delete falls back
+to the walk or flush, saying why, and the index is resynchronised. If a record
+cannot be stored (map full), its zone is marked dirty and deletes in it fall
+back likewise.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import os
+import stat
 import subprocess
 import threading
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from . import _lowlevel as ll
-from .errors import KernelUnsupported
+from .errors import ConntrackError, KernelUnsupported, PermissionDenied
 from .filter import Filter
 
 BPFFS = "/sys/fs/bpf"
 PIN_ROOT = os.path.join(BPFFS, "pyconntrack")
+# Tests may point the pin root elsewhere (a directory inside a bpffs).
+PIN_ROOT_ENV = "PYCONNTRACK_PIN_ROOT"
 LINK_PINS = ("link_ip4_pre", "link_ip4_out", "link_ip6_pre", "link_ip6_out")
+MAP_PINS = ("cti_records", "cti_zones", "cti_stats", "cti_meta")
 DEFAULT_MAX_RECORDS = 262144
 MAX_ZONES = 65536
 # Measured on 6.18: a record is a 104-byte hash element served from
 # kmalloc-128 (~136 B with allocator overhead), plus 16 B per hash bucket
-# (buckets = max_records rounded up to a power of two), plus the 2.5 MiB
+# (buckets = max_records rounded up to a power of two), plus the 3 MiB
 # per-zone table.
 BYTES_PER_RECORD = 136
 BYTES_PER_BUCKET = 16
-ZONE_TABLE_BYTES = MAX_ZONES * 40
+ZONE_TABLE_BYTES = MAX_ZONES * 48
+BPF_FS_MAGIC = 0xCAFE4A11
 
 _open_lock = threading.Lock()
+
+
+class PinRootRefused(ConntrackError):
+    """The pin root or a namespace's pin directory is not one we made."""
+
+
+def _fs_magic(path: str) -> int:
+    buf = ctypes.create_string_buffer(256)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return 0
+    return int.from_bytes(buf.raw[:8], "little")
+
+
+def _same_mount_ns_as_init() -> bool:
+    try:
+        return os.readlink("/proc/self/ns/mnt") == os.readlink("/proc/1/ns/mnt")
+    except OSError:
+        return True
+
+
+def bpffs_dir(mount: bool = False) -> str:
+    """The host's bpffs. Under ``ip netns exec`` (a private /sys) it is reached
+    through init's root; a bpffs of our own would be thrown away with the
+    mount namespace, so none is ever mounted there. ``mount``: mount one
+    (mode 0700) at /sys/fs/bpf when the host has none."""
+    if _fs_magic(BPFFS) == BPF_FS_MAGIC and _same_mount_ns_as_init():
+        return BPFFS
+    if not _same_mount_ns_as_init():
+        host = "/proc/1/root" + BPFFS
+        if _fs_magic(host) == BPF_FS_MAGIC:
+            return host
+        raise PinRootRefused(
+            "the host's bpffs is not visible from this mount namespace (ip netns exec "
+            "mounts a private /sys): run pyconntrack with --netns instead", errno.ENOENT,
+            "bpffs")
+    if not mount:
+        raise PinRootRefused(f"no bpffs mounted at {BPFFS}", errno.ENOENT, "bpffs")
+    # fixed argv: nothing from the caller reaches this command
+    subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", BPFFS], check=True,
+                   capture_output=True)
+    return BPFFS
+
+
+def pin_root(mount: bool = False) -> str:
+    override = os.environ.get(PIN_ROOT_ENV)
+    if override:
+        if not os.path.isabs(override) or _fs_magic(os.path.dirname(override)) != BPF_FS_MAGIC:
+            raise PinRootRefused(f"{PIN_ROOT_ENV}={override}: not inside a bpffs",
+                                 errno.EINVAL, "bpffs")
+        return override
+    return os.path.join(bpffs_dir(mount), "pyconntrack")
+
+
+def _check_private_dir(path: str, what: str) -> bool:
+    """True if path is a real directory owned by us (root) with mode 0700,
+    False if it does not exist; raises PinRootRefused for anything else
+    (symlink, file, another owner, other modes) without touching it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        raise PinRootRefused(f"refusing {what} {path}: it is a symlink", errno.ELOOP, "pins")
+    if not stat.S_ISDIR(st.st_mode):
+        raise PinRootRefused(f"refusing {what} {path}: not a directory", errno.ENOTDIR, "pins")
+    if st.st_uid != os.geteuid():
+        raise PinRootRefused(f"refusing {what} {path}: owned by uid {st.st_uid}, not "
+                             f"{os.geteuid()}", errno.EPERM, "pins")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise PinRootRefused(f"refusing {what} {path}: mode {stat.S_IMODE(st.st_mode):04o}, "
+                             "not 0700", errno.EPERM, "pins")
+    return True
+
+
+def _make_private_dir(path: str, what: str) -> None:
+    if _check_private_dir(path, what):
+        return
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass  # raced: whatever is there now must pass the checks
+    else:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, 0o700)  # whatever the umask
+        finally:
+            os.close(fd)
+    if not _check_private_dir(path, what):
+        raise PinRootRefused(f"{what} {path} vanished while being made", errno.ENOENT, "pins")
 
 
 def _netns_inode(netns_path: Optional[str]) -> int:
     return os.stat(netns_path or "/proc/thread-self/ns/net").st_ino
 
 
-def pin_dir(netns_path: Optional[str]) -> str:
+def pin_dir(netns_path: Optional[str], root: Optional[str] = None) -> str:
     """Pins live per network namespace, keyed by its inode (stable while it exists)."""
-    return os.path.join(PIN_ROOT, f"ns-{_netns_inode(netns_path)}")
+    return os.path.join(root or pin_root(), f"ns-{_netns_inode(netns_path)}")
+
+
+def trusted_pin_dir(netns_path: Optional[str]) -> Optional[str]:
+    """The namespace's pin directory if the pin root is ours (None when there
+    is no bpffs, no root, or a root we refuse: no index of ours can be there)."""
+    try:
+        root = pin_root()
+        if not _check_private_dir(root, "pin root"):
+            return None
+        d = pin_dir(netns_path, root)
+        if not _check_private_dir(d, "pin directory"):
+            return None
+        return d
+    except PinRootRefused:
+        return None
 
 
 def is_attached(netns_path: Optional[str]) -> bool:
-    d = pin_dir(netns_path)
-    return all(os.path.exists(os.path.join(d, name)) for name in LINK_PINS)
-
-
-def _ensure_bpffs() -> None:
-    with open("/proc/mounts") as f:
-        if any(line.split()[1:3] == [BPFFS, "bpf"] for line in f if len(line.split()) > 2):
-            return
-    # fixed argv: nothing from the caller reaches this command
-    subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], check=True, capture_output=True)
+    d = trusted_pin_dir(netns_path)
+    return d is not None and all(os.path.exists(os.path.join(d, name)) for name in LINK_PINS)
 
 
 def availability() -> tuple:
@@ -73,6 +182,132 @@ def availability() -> tuple:
         return False, zoned, "loading BPF programs needs CAP_BPF and CAP_NET_ADMIN (or root)"
     return False, zoned, ("this kernel has no netfilter BPF programs (Linux 6.4+ needed; "
                           f"probe load failed with errno {err})")
+
+
+def refused_for_privileges(reason: str) -> bool:
+    return "CAP_BPF" in reason
+
+
+def default_max_records() -> int:
+    """Follow the kernel's table: nf_conntrack_max + 25 % (at least the
+    historical default), so a full table fits."""
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_max") as f:
+            ct_max = int(f.read())
+    except (OSError, ValueError):
+        ct_max = 0
+    return max(DEFAULT_MAX_RECORDS, min(ct_max + ct_max // 4, 1 << 26))
+
+
+# -- namespaces that are gone ------------------------------------------------------
+
+def _live_netns_inodes() -> set:
+    """Inodes of every network namespace something still refers to: a task,
+    an open fd, or an nsfs mount (ip netns add, container runtimes)."""
+    live = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        base = f"/proc/{pid}"
+        try:
+            live.add(os.stat(f"{base}/ns/net").st_ino)
+        except OSError:
+            pass
+        try:
+            for tid in os.listdir(f"{base}/task"):
+                try:
+                    live.add(os.stat(f"{base}/task/{tid}/ns/net").st_ino)
+                except OSError:
+                    pass
+        except OSError:
+            pass
+        try:
+            fds = os.listdir(f"{base}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{base}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("net:["):
+                live.add(int(target[5:-1]))
+    for mi in ("/proc/self/mountinfo", "/proc/1/mountinfo"):
+        try:
+            with open(mi) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 3 and parts[3].startswith("net:["):
+                        live.add(int(parts[3][5:-1]))
+        except OSError:
+            pass
+    return live
+
+
+def _remove_pins(d: str) -> None:
+    """Unpin everything in one namespace's pin directory (links first: that
+    unhooks the programs and lets the namespace go), then the directory."""
+    for name in LINK_PINS + MAP_PINS:
+        try:
+            os.unlink(os.path.join(d, name))
+        except FileNotFoundError:
+            pass
+    os.rmdir(d)
+
+
+def gc() -> List[str]:
+    """Remove the index of every namespace that no longer exists (pinned links
+    would keep its hooks, maps and conntrack table alive forever). Returns
+    the pin directories removed."""
+    try:
+        root = pin_root()
+        if not _check_private_dir(root, "pin root"):
+            return []
+    except PinRootRefused:
+        return []
+    removed = []
+    with _open_lock:
+        try:
+            names = [n for n in os.listdir(root) if n.startswith("ns-") and n[3:].isdigit()]
+        except OSError:
+            return []
+        if not names:
+            return []
+        live = _live_netns_inodes()
+        for name in names:
+            d = os.path.join(root, name)
+            if int(name[3:]) in live:
+                continue
+            try:
+                if not _check_private_dir(d, "pin directory"):
+                    continue
+                _remove_pins(d)
+                removed.append(d)
+            except (OSError, PinRootRefused):
+                continue
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass
+    return removed
+
+
+def detach_pin_dir(d: str) -> None:
+    """Detach an index by its pin directory (its namespace's name is gone)."""
+    root = pin_root()
+    d = os.path.normpath(d)
+    if os.path.dirname(d) != root or not os.path.basename(d).startswith("ns-"):
+        raise ConntrackError(f"{d} is not an index pin directory under {root}", errno.EINVAL,
+                             "detach")
+    _check_private_dir(root, "pin root")
+    if not _check_private_dir(d, "pin directory"):
+        raise ConntrackError(f"no index pinned at {d}", errno.ENOENT, "detach")
+    with _open_lock:
+        _remove_pins(d)
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass
 
 
 @dataclasses.dataclass
@@ -87,21 +322,47 @@ class ZoneIndex:
     """The index of one network namespace (open an attached one, or attach)."""
 
     def __init__(self, netns_path: Optional[str], netns_label: Optional[str],
-                 max_records: int = 0, known: Optional[tuple] = None) -> None:
+                 max_records: int = 0, zoned_kfuncs: Optional[bool] = None,
+                 create: bool = False, known: Optional[tuple] = None) -> None:
         # known: availability() as the capability probe found it (saves a program load)
-        ok, self.zoned_kfuncs, reason = known if known is not None else availability()
+        ok, zoned, reason = known if known is not None else availability()
         if not ok:
-            raise KernelUnsupported(f"eBPF zone index unavailable: {reason}")
+            cls = PermissionDenied if refused_for_privileges(reason) else KernelUnsupported
+            raise cls(f"eBPF zone index unavailable: {reason}", errno.EPERM, "index")
+        self.zoned_kfuncs_probed = zoned
+        self.zoned_kfuncs = zoned if zoned_kfuncs is None else zoned and zoned_kfuncs
         self.netns_path = netns_path
         self.netns_label = netns_label
-        self.dir = pin_dir(netns_path)
         self._lock = threading.Lock()
         with _open_lock:
-            _ensure_bpffs()
-            os.makedirs(PIN_ROOT, mode=0o700, exist_ok=True)
-            os.chmod(PIN_ROOT, 0o700)
-            self._ix = ll.IndexHandle(self.dir, max_records)
+            root = pin_root(mount=create)
+            if create:
+                _make_private_dir(root, "pin root")
+            elif not _check_private_dir(root, "pin root"):
+                raise ConntrackError("no eBPF zone index attached", errno.ENOENT, "index")
+            self.dir = pin_dir(netns_path, root)
+            existed = _check_private_dir(self.dir, "pin directory")
+            if not existed and not create:
+                raise ConntrackError("no eBPF zone index attached", errno.ENOENT, "index")
+            if create and not existed and not max_records:
+                max_records = default_max_records()
+            try:
+                self._ix = ll.IndexHandle(self.dir, max_records)
+            except ConntrackError as exc:
+                if not existed:
+                    self._remove_dir()
+                if exc.errno == errno.ERANGE:
+                    raise ConntrackError(
+                        "the index of this namespace is attached with another --max-records; "
+                        "detach it first to change its size", errno.ERANGE, "attach") from None
+                raise
         self._set_netns(attach=False)
+
+    def _remove_dir(self) -> None:
+        try:
+            _remove_pins(self.dir)
+        except OSError:
+            pass
 
     def _netns_fd(self) -> int:
         return os.open(self.netns_path or "/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -111,8 +372,22 @@ class ZoneIndex:
         try:
             if attach:
                 self._ix.attach(fd)
+                self._ix.set_meta(netns_cookie=ll.netns_cookie(fd),
+                                  attached_ns=os.fstat(fd).st_ino, version=2)
             else:
                 self._ix.set_netns(fd)
+        finally:
+            os.close(fd)
+
+    def stale(self) -> bool:
+        """The pins belong to another namespace that had the same inode (it
+        is gone; inode numbers are reused): never use them."""
+        cookie = self._ix.meta()["netns_cookie"]
+        if not cookie:
+            return False
+        fd = self._netns_fd()
+        try:
+            return ll.netns_cookie(fd) != cookie
         finally:
             os.close(fd)
 
@@ -123,11 +398,14 @@ class ZoneIndex:
     def attach(self, handle: "ll.Handle", kflags: int) -> AttachResult:
         """Attach the hooks, then walk once so entries that already exist are
         recorded too (records are idempotent: duplicates are harmless)."""
-        if is_attached(self.netns_path):
+        if all(os.path.exists(os.path.join(self.dir, n)) for n in LINK_PINS):
             return AttachResult(self.dir, 0, 0, True)
         try:
             self._set_netns(attach=True)
+            # the statistic first: an insert during the walk moves it again
+            base = ll.index_blind_spots(handle, self.netns_path)["insert"]
             seeded, lost = ll.index_seed(handle, self._ix, Filter(), kflags)
+            self._ix.set_meta(insert_base=base)
         except BaseException:
             self.detach()  # a failed attach leaves no links, maps or directories
             raise
@@ -139,7 +417,7 @@ class ZoneIndex:
         self._ix.detach()
         self._ix.unpin()
         try:
-            os.rmdir(PIN_ROOT)
+            os.rmdir(os.path.dirname(self.dir))
         except OSError:
             pass  # not empty: another namespace's index lives there
 
@@ -147,23 +425,63 @@ class ZoneIndex:
     def zone(self, zone: int) -> dict:
         z = self._ix.zone_stats(zone)
         z["window"] = z["head"] - z["tail"]
+        z["records"] = z["added"] - z["removed"]
         return z
+
+    def max_records(self) -> int:
+        return self._ix.max_records()
 
     def dirty(self, zone: int) -> int:
         """Records lost in this zone since its last resync (0: complete)."""
         return self._ix.zone_stats(zone)["failed"]
+
+    def live_records(self) -> int:
+        st = self._ix.stats()
+        return st["recorded"] + st["seeded"] - st["removed"]
+
+    def blind_spot(self, handle: "ll.Handle") -> str:
+        """Why the index cannot vouch for any zone right now ('' if it can):
+        creators the hooks do not see may have made entries. No walk: a few
+        netlink messages and map reads."""
+        spots = ll.index_blind_spots(handle, self.netns_path)
+        if spots["ovs_datapaths"] > 0:
+            return ("an Open vSwitch kernel datapath in this namespace creates entries "
+                    "without netfilter hooks")
+        if spots["ovs_datapaths"] < 0:
+            return "could not check for Open vSwitch datapaths in this namespace"
+        if spots["bridge_tables"] and os.path.exists("/sys/module/nf_conntrack_bridge"):
+            return "nftables bridge tables with bridge conntrack bypass the netfilter hooks"
+        if os.path.exists("/sys/module/act_ct"):
+            return "tc act_ct is loaded: its conntrack bypasses the netfilter hooks"
+        moved = spots["insert"] - self._ix.meta()["insert_base"]
+        if moved:
+            return (f"{moved} entries were inserted through ctnetlink or BPF since the index "
+                    "was synchronised")
+        count, live = ll.table_count(handle), self.live_records()
+        if count > live:
+            return f"the namespace holds {count} entries, the index only {live} records"
+        return ""
+
+    def resync_all(self, handle: "ll.Handle") -> int:
+        """One walk: record every live entry the index lacks, then take the
+        insert statistic as the new baseline. Returns records lost."""
+        with self._lock:
+            base = ll.index_blind_spots(handle, self.netns_path)["insert"]
+            _, _, _, lost = ll.index_audit(handle, self._ix, 0, add=True)
+            self._ix.set_meta(insert_base=base)
+            return lost
 
     def status(self) -> dict:
         zones: Dict[int, dict] = {}
         for z in range(MAX_ZONES):
             st = self._ix.zone_stats(z)
             if st["head"] != st["tail"] or st["failed"]:
-                zones[z] = {"records": st["head"] - st["tail"], "dirty": st["failed"]}
-        records = sum(v["records"] for v in zones.values())
+                zones[z] = {"records": st["added"] - st["removed"], "dirty": st["failed"]}
+        records = self.live_records()
         max_records = self._ix.max_records()
         buckets = 1 << max(0, (max_records - 1).bit_length()) if max_records else 0
         return {
-            "attached": is_attached(self.netns_path),
+            "attached": all(os.path.exists(os.path.join(self.dir, n)) for n in LINK_PINS),
             "pin_dir": self.dir,
             "zoned_kfuncs": self.zoned_kfuncs,
             "zones": zones,
@@ -172,12 +490,14 @@ class ZoneIndex:
             "max_records": max_records,
             "memory_bytes": records * BYTES_PER_RECORD + buckets * BYTES_PER_BUCKET
             + ZONE_TABLE_BYTES,
+            "memory_max_bytes": max_records * BYTES_PER_RECORD + buckets * BYTES_PER_BUCKET
+            + ZONE_TABLE_BYTES,
             "bytes_per_record": BYTES_PER_RECORD,
             "hook_stats": self._ix.stats(),
         }
 
     def audit(self, handle: "ll.Handle", max_missing: int = 1000) -> dict:
-        missing, checked, sample = ll.index_audit(handle, self._ix, max_missing)
+        missing, checked, sample, _ = ll.index_audit(handle, self._ix, max_missing)
         return {"checked": checked, "missing": missing, "entries": sample}
 
     # -- deleting --------------------------------------------------------------
@@ -185,7 +505,7 @@ class ZoneIndex:
         with self._lock:  # one reaper per zone at a time
             return ll.index_delete(handle, self._ix, f, self.zoned_kfuncs, use_zone_attr)
 
-    def delete_each(self, handle: "ll.Handle", fs, use_zone_attr: bool) -> list:
+    def delete_each(self, handle: "ll.Handle", fs, use_zone_attr: bool) -> tuple:
         """Many zoned filters, no walk: a result per filter (first match wins)."""
         with self._lock:
             return ll.index_delete_each(handle, self._ix, fs, self.zoned_kfuncs, use_zone_attr)
@@ -197,7 +517,8 @@ class ZoneIndex:
             lost_before = self._ix.zone_stats(zone)["failed"]
             if self.zoned_kfuncs:
                 self._ix.prune(zone)  # free the slots of entries the walk deleted
-            _, lost = ll.index_seed(handle, self._ix, Filter(zone=zone), kflags)
+            # record what the index lacks (no duplicates of what it holds)
+            _, _, _, lost = ll.index_audit(handle, self._ix, 0, add=True)
             if lost:
                 return False
             return self._ix.clear_dirty(zone, lost_before) == lost_before
@@ -217,4 +538,4 @@ def index_refusal(f: Filter) -> str:
 
 
 __all__ = ["ZoneIndex", "availability", "is_attached", "pin_dir", "index_refusal",
-           "AttachResult"]
+           "AttachResult", "gc", "detach_pin_dir", "PinRootRefused", "default_max_records"]

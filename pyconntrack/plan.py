@@ -27,10 +27,11 @@ class IndexState:
     dirty: int = 0                  # records lost in the filter's zone
     window: int = 0                 # records (and holes) of the zone
     table_slots: int = 0            # buckets + entries a walk would visit
+    blind: str = ""                 # why the index cannot vouch for its zones now
 
     @property
     def usable(self) -> bool:
-        return self.attached and not self.refusal and not self.dirty
+        return self.attached and not self.refusal and not self.dirty and not self.blind
 
     def why_not(self) -> str:
         if not self.attached:
@@ -39,6 +40,8 @@ class IndexState:
             return f"index: {self.refusal}"
         if self.dirty:
             return f"index: zone dirty ({self.dirty} records lost)"
+        if self.blind:
+            return f"index cannot vouch for the zone: {self.blind}"
         return ""
 
     def cheaper_than_walk(self) -> bool:

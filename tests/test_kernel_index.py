@@ -230,7 +230,7 @@ def test_bpf_refused_gives_reason_and_rest_works(topo):
     run = lambda *a: subprocess.run(["ip", "netns", "exec", ns, *drop, *CLI, *a],  # noqa: E731
                                     capture_output=True, text=True)
     r = run("index", "attach")
-    assert r.returncode == 4 and "CAP_BPF" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 3 and "CAP_BPF" in r.stderr and len(r.stderr.splitlines()) == 1
     r = run("delete", "--zone", "5", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["deleted"] == 100

@@ -35,7 +35,7 @@ MIRROR=${VM_DEBIAN_MIRROR:-$(host_debian_mirror "$SUITE")}
 SECURITY=${VM_SECURITY_MIRROR:-$(host_security_mirror "$SUITE")}
 PKG_FILE=$SCRIPT_DIR/guest-packages.txt
 # Bump when the way the rootfs is built changes (it is part of the cache key).
-ROOTFS_FORMAT=2
+ROOTFS_FORMAT=3
 # The rootfs is a GPT image whose partition has this fixed PARTUUID: the kernel
 # needs no initramfs for root=PARTUUID=, while /dev/nvme0nN names are not stable
 # (6.12 scans namespaces asynchronously). The other disks are mounted by label.
@@ -220,12 +220,17 @@ ensure_rootfs() {
     # would then delete the host's device nodes); debootstrap made /dev/null etc.
     mount -t proc proc "$dir/proc"
     local rc=0
+    # packages such as openvswitch-switch start services when installed:
+    # refuse every service start inside the chroot
+    printf '#!/bin/sh\nexit 101\n' > "$dir/usr/sbin/policy-rc.d"
+    chmod 755 "$dir/usr/sbin/policy-rc.d"
     # shellcheck disable=SC2046
     { chroot "$dir" apt-get update -q &&
       chroot "$dir" apt-get dist-upgrade -y -q --no-install-recommends &&
       chroot "$dir" apt-get install -y -q --no-install-recommends $(guest_packages) &&
       chroot "$dir" apt-get clean; } >&2 || rc=$?
     umount "$dir/proc"
+    rm -f "$dir/usr/sbin/policy-rc.d"
     [ $rc -eq 0 ] || die "apt-get inside the rootfs failed (rc $rc)"
     # every requested package must really be installed
     local p missing=()
