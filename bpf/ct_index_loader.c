@@ -679,11 +679,15 @@ long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long
 		struct cti_reap_args a;
 		unsigned long long s[CTI_DROP_MAX];
 	} in, out;
-	long long dropped = 0;
+	struct cti_zone before, after;
 	unsigned int done = 0;
+	int err;
 
 	if (zone >= CTI_MAX_ZONES)
 		return -EINVAL;
+	err = cti_zone_stats(c, zone, &before);
+	if (err)
+		return err;
 	while (done < n) {
 		unsigned int k = n - done < CTI_DROP_MAX ? n - done : CTI_DROP_MAX;
 		size_t size = sizeof(in.a) + k * sizeof(in.s[0]);
@@ -694,7 +698,6 @@ long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long
 			.data_size_out = size,
 			.repeat = 1,
 		);
-		int err;
 
 		memset(&in.a, 0, sizeof(in.a));
 		in.a.op = CTI_OP_DROP;
@@ -706,8 +709,9 @@ long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long
 			return err < 0 ? err : -EIO;
 		if (opts.retval != XDP_PASS || out.a.status)
 			return out.a.status ? out.a.status : -EIO;
-		dropped += (long long)out.a.deleted;
 		done += k;
 	}
-	return dropped;
+	/* one reaper per zone: nothing else removes this zone's records meanwhile */
+	err = cti_zone_stats(c, zone, &after);
+	return err ? err : (long long)(after.removed - before.removed);
 }

@@ -231,16 +231,78 @@ static int netlink_deletable(const struct cti_record *r)
     return r->zone_dir != CTI_ZONE_DIR_REPL;
 }
 
+/* A record of a reply-direction zone: ask the kernel for the entry with
+ * this original tuple (its original direction's zone is 0, which is what a
+ * request without a zone looks up) and keep it only if it is the record's
+ * own entry (same original tuple, zone id and direction); then it can be
+ * deleted by tuple and conntrack id. 1: found (e->id set), 0: gone, -errno. */
+static int resolve_reply_zone(struct pct_handle *h, const struct cti_record *r,
+                              struct pct_entry *e)
+{
+    char req[MNL_SOCKET_BUFFER_SIZE];
+    struct nlmsghdr *nlh;
+    unsigned int seq = ++h->seq;
+    int fd = mnl_socket_get_fd(h->cmd_nl), found = 0;
+
+    memset(req, 0, sizeof(req));
+    nlh = pct_put_request(req, IPCTNL_MSG_CT_GET, NLM_F_ACK, r->family, 0, seq);
+    pct_put_tuple(nlh, CTA_TUPLE_ORIG, e);
+    if (send(fd, nlh, nlh->nlmsg_len, 0) < 0)
+        return -errno;
+    for (;;) {
+        const struct nlmsghdr *m;
+        ssize_t n = recv(fd, h->abuf, PCT_RBUF_SIZE, 0);
+        int left;
+
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        left = (int)n;
+        for (m = (const struct nlmsghdr *)h->abuf; mnl_nlmsg_ok(m, left);
+             m = mnl_nlmsg_next(m, &left)) {
+            if (m->nlmsg_seq != seq)
+                continue;
+            if (m->nlmsg_type == NLMSG_ERROR) {
+                const struct nlmsgerr *err = mnl_nlmsg_get_payload(m);
+                if (err->error == -ENOENT)
+                    return 0;
+                return err->error ? err->error : found;
+            }
+            if ((m->nlmsg_type & 0xff) == IPCTNL_MSG_CT_NEW) {
+                struct pct_entry got;
+                const struct nlattr *orig;
+                struct cti_record gr;
+                unsigned short id;
+                unsigned char dir;
+
+                if (pct_parse_entry(m, &got, &orig) < 0)
+                    continue;
+                entry_zone(m, &id, &dir);
+                got.zone = id;
+                entry_to_record(&got, dir, &gr);
+                gr.hook = r->hook;
+                gr.ts_sec = r->ts_sec;
+                if (!memcmp(&gr, r, offsetof(struct cti_record, hook))) {
+                    e->id = got.id;
+                    found = 1;
+                }
+            }
+        }
+    }
+}
+
 int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filter *f,
                      const struct cti_filter *bf, int use_kfuncs, int use_zone_attr,
                      struct pct_delete_result *res, unsigned long long *unsure)
 {
     struct cti_record *recs = NULL;
     unsigned long long *slots = NULL;
-    struct pct_entry *todo = NULL;
-    unsigned long long *todo_slots = NULL;
+    struct pct_entry *todo = NULL, *reply = NULL;
+    unsigned long long *todo_slots = NULL, *reply_slots = NULL;
     struct pct_delete_result dr;
-    int n, i, k = 0, rc = 0;
+    int n, i, k = 0, r = 0, rc = 0;
 
     memset(res, 0, sizeof(*res));
     *unsure = 0;
@@ -277,7 +339,9 @@ int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filte
         return n;
     todo = malloc((n + 1) * sizeof(*todo));
     todo_slots = malloc((n + 1) * sizeof(*todo_slots));
-    if (!todo || !todo_slots) {
+    reply = malloc((n + 1) * sizeof(*reply));
+    reply_slots = malloc((n + 1) * sizeof(*reply_slots));
+    if (!todo || !todo_slots || !reply || !reply_slots) {
         rc = -ENOMEM;
         goto out;
     }
@@ -288,10 +352,33 @@ int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filte
         if (!pct_match(f, &todo[k]))
             continue;
         if (!netlink_deletable(&recs[i])) {
-            (*unsure)++;
+            /* the reply-direction zone: found by tuple and id, never by zone */
+            rc = resolve_reply_zone(h, &recs[i], &todo[k]);
+            if (rc < 0)
+                goto out;
+            if (rc == 0) {   /* gone, or its tuple is another entry's now */
+                res->already_gone++;
+                cti_drop_records(c, f->zone, &slots[i], 1);
+                continue;
+            }
+            rc = 0;
+            reply_slots[r++] = slots[i];
+            reply[r - 1] = todo[k];
             continue;
         }
         todo_slots[k++] = slots[i];
+    }
+    if (r) {
+        rc = pct_delete_entries(h, reply, r, 0, &dr);
+        if (rc < 0)
+            goto out;
+        res->deleted += dr.deleted;
+        res->already_gone += dr.already_gone;
+        res->failed += dr.failed;
+        if (!res->first_errno)
+            res->first_errno = dr.first_errno;
+        if (!dr.failed)
+            cti_drop_records(c, f->zone, reply_slots, r);
     }
     if (k) {
         rc = pct_delete_entries(h, todo, k, use_zone_attr, &dr);
@@ -317,6 +404,8 @@ out:
     free(slots);
     free(todo);
     free(todo_slots);
+    free(reply);
+    free(reply_slots);
     return rc;
 }
 

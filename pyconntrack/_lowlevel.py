@@ -364,6 +364,21 @@ class IndexHandle(_Owned):
     def clear_dirty(self, zone: int, expected: int) -> int:
         return check(lib.cti_clear_dirty(self.raw, zone, expected), "cti_clear_dirty")
 
+    def add_record(self, zone: int, family: int, proto: int, src: str, dst: str, sport: int,
+                   dport: int, zone_dir: int = 3) -> int:
+        """Append one record as a walk would (tests: stale records)."""
+        r = ffi.new("struct cti_record *")
+        _put_addr(r.saddr, ipaddress.ip_address(src))
+        _put_addr(r.daddr, ipaddress.ip_address(dst))
+        r.family = _AF[family]
+        r.proto = proto
+        r.sport = socket.htons(sport)
+        r.dport = socket.htons(dport)
+        r.zone = zone
+        r.zone_dir = zone_dir
+        r.hook = 255
+        return check(lib.cti_add_records(self.raw, zone, r, 1), "cti_add_records")
+
     def prune(self, zone: int) -> dict:
         r = ffi.new("struct cti_reap_result *")
         check(lib.cti_prune_zone(self.raw, zone, 0, r), "cti_prune_zone")

@@ -66,28 +66,52 @@ def _fs_magic(path: str) -> int:
     return int.from_bytes(buf.raw[:8], "little")
 
 
-def _same_mount_ns_as_init() -> bool:
+def _host_view() -> Optional[str]:
+    """The root directory of the mount namespace we were started from, when
+    ours is a private one (``ip netns exec`` unshares the mount namespace and
+    mounts a fresh /sys): the first ancestor in another mount namespace (init
+    if it can be read). None when we share the mount namespace of every
+    ancestor we can see."""
     try:
-        return os.readlink("/proc/self/ns/mnt") == os.readlink("/proc/1/ns/mnt")
+        mine = os.stat("/proc/self/ns/mnt").st_ino
     except OSError:
-        return True
+        return None
+    pid = os.getppid()
+    seen = 0
+    while pid > 0 and seen < 64:
+        seen += 1
+        try:
+            if os.stat(f"/proc/{pid}/ns/mnt").st_ino != mine:
+                return f"/proc/{pid}/root"
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    try:
+        if os.stat("/proc/1/ns/mnt").st_ino != mine:
+            return "/proc/1/root"
+    except OSError:
+        pass
+    return None
 
 
 def bpffs_dir(mount: bool = False) -> str:
-    """The host's bpffs. Under ``ip netns exec`` (a private /sys) it is reached
-    through init's root; a bpffs of our own would be thrown away with the
-    mount namespace, so none is ever mounted there. ``mount``: mount one
+    """The host's bpffs. Under ``ip netns exec`` (a private mount namespace
+    with a fresh /sys) it is reached through the root of the namespace we
+    were started from; a bpffs of our own would be thrown away with the mount
+    namespace, so none is ever used or mounted there. ``mount``: mount one
     (mode 0700) at /sys/fs/bpf when the host has none."""
-    if _fs_magic(BPFFS) == BPF_FS_MAGIC and _same_mount_ns_as_init():
-        return BPFFS
-    if not _same_mount_ns_as_init():
-        host = "/proc/1/root" + BPFFS
-        if _fs_magic(host) == BPF_FS_MAGIC:
-            return host
+    host = _host_view()
+    if host is not None:
+        path = host + BPFFS
+        if _fs_magic(path) == BPF_FS_MAGIC:
+            return path
         raise PinRootRefused(
             "the host's bpffs is not visible from this mount namespace (ip netns exec "
             "mounts a private /sys): run pyconntrack with --netns instead", errno.ENOENT,
             "bpffs")
+    if _fs_magic(BPFFS) == BPF_FS_MAGIC:
+        return BPFFS
     if not mount:
         raise PinRootRefused(f"no bpffs mounted at {BPFFS}", errno.ENOENT, "bpffs")
     # fixed argv: nothing from the caller reaches this command

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import json
 
+import os
+
+from . import index as index_mod
 from .conntrack import Conntrack
+from .errors import InvalidFilter, PermissionDenied
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="eBPF zone index: attach, detach, status, audit")
-    p.add_argument("action", choices=["attach", "detach", "status", "audit"])
+    p = sub.add_parser(name, help="eBPF zone index: attach, detach, status, audit, gc")
+    p.add_argument("action", choices=["attach", "detach", "status", "audit", "gc"])
     p.add_argument("--netns", help="network namespace name (/var/run/netns) or path")
+    p.add_argument("--pin-dir", help="detach: the index's pin directory (when its "
+                   "namespace's name is gone)")
     p.add_argument("--max-records", type=int, default=0,
                    help="attach: record capacity (default 262144; memory ~136 B/record)")
     p.add_argument("--json", action="store_true")
@@ -37,6 +43,18 @@ def _print(obj: dict, as_json: bool) -> None:
 
 
 def run(args) -> int:
+    if args.action in ("attach", "detach", "gc") and os.geteuid() != 0:
+        raise PermissionDenied(f"index {args.action} needs root (CAP_BPF, CAP_NET_ADMIN)", 1,
+                               "index")
+    if args.pin_dir is not None:
+        if args.action != "detach" or args.netns is not None:
+            raise InvalidFilter("--pin-dir goes with detach, without --netns")
+        index_mod.detach_pin_dir(args.pin_dir)
+        _print({"detached": True, "pin_dir": args.pin_dir}, args.json)
+        return 0
+    if args.action == "gc":
+        _print({"removed": index_mod.gc()}, args.json)
+        return 0
     with Conntrack(args.netns) as ct:
         if args.action == "attach":
             r = ct.attach_index(max_records=args.max_records)

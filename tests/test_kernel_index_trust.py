@@ -1,0 +1,384 @@
+"""The eBPF zone index must never be trusted beyond what it saw: entries made
+by creators the netfilter hooks do not see (ctnetlink inserts, bpf inserts,
+Open vSwitch, bridge conntrack) make a zone cleanup fall back, saying why;
+zones per direction are recorded and checked; a stale record never deletes
+another zone's entry; pins are safe; indexes of gone namespaces are
+collected. Every test runs in scratch namespaces it creates and removes."""
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+
+from pyconntrack import Conntrack, ConntrackError, Filter
+from pyconntrack import index as index_mod
+from pyconntrack.topology import Topology
+
+pytestmark = pytest.mark.kernel
+
+CLI = [sys.executable, "-m", "pyconntrack"]
+
+
+def _kernel():
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.fixture(scope="module")
+def index_available():
+    ok, zoned, reason = index_mod.availability()
+    if ok:
+        return zoned
+    if _kernel() < (6, 4):
+        assert "6.4" in reason
+        pytest.skip(f"kernel {os.uname().release}: {reason}")
+    pytest.fail(f"the eBPF zone index should work on {os.uname().release}: {reason}")
+
+
+@pytest.fixture
+def topo(index_available):
+    with Topology(zones=[5, 6, 14, 15]) as t:
+        yield t
+
+
+@pytest.fixture
+def host(topo):
+    ct = Conntrack(topo.host_netns)
+    try:
+        yield ct
+    finally:
+        ct.detach_index()
+        ct.close()
+
+
+def conntrack_tool(ns, *args):
+    r = subprocess.run(["ip", "netns", "exec", ns, "conntrack", *args], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def listed(ns, zone):
+    """Kernel truth by another tool: entries whose zone id is ``zone`` in any
+    direction (conntrack-tools prints zone=, zone-orig=, zone-reply=)."""
+    out = conntrack_tool(ns, "-L")
+    pat = re.compile(rf"\bzone(-orig|-reply)?={zone}\b")
+    return [line for line in out.splitlines() if pat.search(line)]
+
+
+def cli(*args, env=None):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+# -- creators the hooks do not see ----------------------------------------------------
+
+def test_ctnetlink_inserts_after_attach_fall_back_then_resync(topo, host):
+    host.attach_index()
+    topo.send("udp", 4, 5, 200)
+    for i in range(6):
+        conntrack_tool(topo.host_netns, "-I", "-p", "udp", "-s", "10.77.0.1", "-d", "10.77.0.2",
+                       "--sport", str(1000 + i), "--dport", "53", "-t", "300", "-w", "11")
+    assert len(listed(topo.host_netns, 11)) == 6
+    r = cli("delete", "--netns", topo.host_netns, "--zone", "11", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["strategy"] != "index" and "inserted through ctnetlink" in out["reason"], out
+    assert out["deleted"] == 6
+    assert listed(topo.host_netns, 11) == []
+    # the fallback resynchronised the index: it vouches again, and knows zone 5
+    assert host.index_status()["blind_spot"] == ""
+    res = host.delete(Filter(zone=5))
+    assert res.strategy == "index" and res.deleted == 200, res.reason
+    assert listed(topo.host_netns, 5) == []
+
+
+def test_api_inserts_fall_back_and_nothing_is_left(topo, host):
+    host.attach_index()
+    topo.send("tcp", 6, 6, 100)
+    host.create_many(40, zone=6, proto="udp", src="10.66.0.1")     # through ctnetlink
+    res = host.delete(Filter(zone=6))
+    assert res.strategy != "index" and "ctnetlink" in res.reason
+    assert res.deleted == 140 and host.count(Filter(zone=6)) == 0
+    assert host.index_audit()["missing"] == 0
+
+
+def test_entry_count_beyond_records_falls_back(topo, host):
+    """A creator that moves no statistic (OVS, bridge conntrack, act_ct) still
+    shows in the namespace's count: more entries than records."""
+    host.attach_index()
+    topo.send("udp", 4, 5, 50)
+    ix = host._index()
+    # forget records behind the index's back (as if their entries had been
+    # made by a creator the hooks cannot see)
+    recs = ix._ix.stats()
+    assert recs["recorded"] >= 50
+    slots = list(range(ix.zone(5)["tail"], ix.zone(5)["head"]))[:10]
+    from pyconntrack._lowlevel import ffi, lib
+    arr = ffi.new("unsigned long long[]", slots)
+    assert lib.cti_drop_records(ix._ix.raw, 5, arr, len(slots)) == 10
+    res = host.delete(Filter(zone=5))
+    assert res.strategy != "index" and "the index only" in res.reason, res.reason
+    assert res.deleted == 50 and host.count(Filter(zone=5)) == 0
+
+
+# -- zones per direction ----------------------------------------------------------------
+
+DIR_RULES = """table inet pct_dir {{
+  chain p {{ type filter hook prerouting priority raw - 10; policy accept;
+    ip daddr {p14} ct original zone set 14
+    ip daddr {p15} ct reply zone set 15
+  }}
+}}
+"""
+
+
+def _directional_rules(topo):
+    subprocess.run(["ip", "netns", "exec", topo.host_netns, "nft", "-f", "-"], check=True,
+                   input=DIR_RULES.format(p14=topo.zone_prefix(14, 4), p15=topo.zone_prefix(15, 4)),
+                   text=True)
+
+
+@pytest.mark.parametrize("when", ["before_attach", "after_attach"])
+def test_zones_per_direction_from_packets(topo, host, when):
+    _directional_rules(topo)
+    if when == "after_attach":
+        host.attach_index()
+    for proto in ("udp", "tcp", "icmp"):
+        topo.send(proto, 4, 14, 100)
+        topo.send(proto, 4, 15, 100)
+    topo.send("udp", 4, 5, 100)
+    assert all("zone-orig=14" in line for line in listed(topo.host_netns, 14))
+    assert all("zone-reply=15" in line for line in listed(topo.host_netns, 15))
+    assert len(listed(topo.host_netns, 14)) == 300 and len(listed(topo.host_netns, 15)) == 300
+    if when == "before_attach":
+        assert host.attach_index().seeded >= 700
+    assert host.index_audit()["missing"] == 0
+    status = host.index_status()
+    assert status["zones"][14]["records"] == 300 and status["zones"][15]["records"] == 300
+    for zone in (14, 15):
+        res = host.delete(Filter(zone=zone))
+        assert res.failed == 0
+        assert listed(topo.host_netns, zone) == [], (zone, res)
+        assert res.deleted == 300, (zone, res)
+    assert len(listed(topo.host_netns, 5)) == 100
+
+
+def test_stale_record_never_deletes_another_zone(topo, host):
+    """A reply-zone-14 record whose tuple a zone-0 connection now uses: the
+    zone-14 cleanup must leave the zone-0 entry alone."""
+    host.create_many(5, zone=0, proto="udp", src="10.99.0.1", dst="10.99.0.2", sport=4000,
+                     dport=53)
+    host.create_many(5, zone=0, proto="tcp", src="10.99.0.1", dst="10.99.0.2", sport=4000,
+                     dport=80)
+    host.attach_index()
+    ix = host._index()
+    for proto, dport in ((17, 53), (6, 80)):
+        for i in range(5):
+            for zdir in (1, 2, 3):
+                ix._ix.add_record(14, 4, proto, "10.99.0.1", "10.99.0.2", 4000 + i, dport, zdir)
+    res = host.delete(Filter(zone=14))
+    assert res.deleted == 0, res
+    assert host.count(Filter(zone=0, src="10.99.0.1")) == 10
+    assert host.index_status()["zones"].get(14, {"records": 0})["records"] == 0
+
+
+# -- lifecycle ----------------------------------------------------------------------------
+
+def _link_ids(pin_dir):
+    ids = []
+    for name in index_mod.LINK_PINS:
+        out = subprocess.run(["bpftool", "-j", "link", "show", "pinned",
+                              os.path.join(pin_dir, name)], capture_output=True, text=True)
+        ids.append(json.loads(out.stdout)["id"])
+    return ids
+
+
+def test_namespace_deleted_while_attached_is_collected(index_available):
+    name = f"pct-gc-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        with Conntrack(name) as ct:
+            d = ct.attach_index().pin_dir
+        ids = _link_ids(d)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    assert os.path.isdir(d)   # links keep the namespace alive until collected
+    r = cli("index", "gc", "--json")
+    assert r.returncode == 0, r.stderr
+    assert d in json.loads(r.stdout)["removed"]
+    assert not os.path.exists(d)
+    for link_id in ids:
+        out = subprocess.run(["bpftool", "link", "show", "id", str(link_id)],
+                             capture_output=True, text=True)
+        assert out.returncode != 0, f"link {link_id} still exists"
+
+
+def test_detach_by_pin_dir_when_the_name_is_gone(index_available):
+    name = f"pct-gc-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        with Conntrack(name) as ct:
+            d = ct.attach_index().pin_dir
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    r = cli("index", "detach", "--netns", name)
+    assert r.returncode != 0 and "not found" in r.stderr
+    r = cli("index", "detach", "--pin-dir", d, "--json")
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(d)
+
+
+def test_agent_restart_keeps_the_index(topo, host):
+    host.attach_index()
+    topo.send("udp", 4, 5, 100)
+    with Conntrack(topo.host_netns) as other:   # a new process would see the same pins
+        res = other.delete(Filter(zone=5))
+        assert res.strategy == "index" and res.deleted == 100
+
+
+# -- pins -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def private_bpffs(index_available, monkeypatch):
+    """A bpffs of our own, so pin-root attacks are tested without touching the
+    host's /sys/fs/bpf."""
+    d = tempfile.mkdtemp(prefix="pct-bpffs-")
+    subprocess.run(["mount", "-t", "bpf", "-o", "mode=1777", "bpf", d], check=True)
+    monkeypatch.setenv(index_mod.PIN_ROOT_ENV, os.path.join(d, "pyconntrack"))
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", d], check=True)
+        os.rmdir(d)
+
+
+def _tree(path):
+    out = {}
+    for root, dirs, files in os.walk(path):
+        for n in dirs + files:
+            p = os.path.join(root, n)
+            st = os.lstat(p)
+            out[p] = (st.st_mode, st.st_uid)
+    st = os.lstat(path)
+    out[path] = (st.st_mode, st.st_uid)
+    return out
+
+
+@pytest.mark.parametrize("plant", ["symlink", "foreign_dir", "wide_mode"])
+def test_planted_pin_root_is_refused_untouched(topo, private_bpffs, plant):
+    root = os.environ[index_mod.PIN_ROOT_ENV]
+    target = os.path.join(private_bpffs, "target")
+    os.mkdir(target, 0o755)
+    if plant == "symlink":
+        os.symlink(target, root)
+    elif plant == "foreign_dir":
+        os.mkdir(root, 0o700)
+        os.chown(root, 65534, 65534)
+    else:
+        os.mkdir(root, 0o777)
+        os.chmod(root, 0o777)
+    before = _tree(private_bpffs)
+    r = cli("index", "attach", "--netns", topo.host_netns)
+    assert r.returncode != 0
+    assert "refusing" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert _tree(private_bpffs) == before
+    # deletes do not trust it either
+    topo.send("udp", 4, 5, 20)
+    r = cli("delete", "--netns", topo.host_netns, "--zone", "5", "--json")
+    out = json.loads(r.stdout)
+    assert out["strategy"] != "index" and out["deleted"] == 20
+
+
+def test_planted_symlink_at_the_real_pin_root(topo):
+    """The real path, when no index lives there: plant, attach (refused,
+    target untouched), remove the plant."""
+    if os.path.lexists(index_mod.PIN_ROOT) or index_mod.PIN_ROOT_ENV in os.environ:
+        pytest.skip(f"{index_mod.PIN_ROOT} is in use (another index is attached)")
+    target = tempfile.mkdtemp(prefix="pct-plant-")
+    os.chmod(target, 0o755)
+    try:
+        os.symlink(target, index_mod.PIN_ROOT)
+        r = cli("index", "attach", "--netns", topo.host_netns)
+        assert r.returncode != 0 and "symlink" in r.stderr, r.stderr
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o755 and os.listdir(target) == []
+    finally:
+        if os.path.islink(index_mod.PIN_ROOT):
+            os.unlink(index_mod.PIN_ROOT)
+        shutil.rmtree(target)
+
+
+def test_pins_are_root_only_and_made_fresh(topo, private_bpffs):
+    with Conntrack(topo.host_netns) as ct:
+        d = ct.attach_index().pin_dir
+        try:
+            for p in (os.path.dirname(d), d):
+                st = os.lstat(p)
+                assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+                assert st.st_uid == 0
+        finally:
+            ct.detach_index()
+    assert not os.path.exists(os.path.dirname(d))
+
+
+def test_ip_netns_exec_sees_the_host_bpffs(topo, host):
+    ns = topo.host_netns
+    r = subprocess.run(["ip", "netns", "exec", ns, *CLI, "index", "attach", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert host.index_status()["attached"]          # pinned in the host's bpffs
+    r = subprocess.run(["ip", "netns", "exec", ns, *CLI, "index", "status", "--json"],
+                       capture_output=True, text=True)
+    assert json.loads(r.stdout)["attached"] is True, r.stdout
+    topo.send("udp", 4, 5, 30)
+    r = subprocess.run(["ip", "netns", "exec", ns, *CLI, "delete", "--zone", "5", "--json"],
+                       capture_output=True, text=True)
+    out = json.loads(r.stdout)
+    assert out["strategy"] == "index" and out["deleted"] == 30, out
+
+
+# -- small items -------------------------------------------------------------------------
+
+def test_disable_reaches_the_index(topo, host, monkeypatch):
+    host.attach_index()
+    topo.send("udp", 4, 5, 50)
+    monkeypatch.setenv("PYCONNTRACK_DISABLE", "zoned_kfuncs")
+    res = host.delete(Filter(zone=5))
+    assert res.strategy == "index" and res.deleted == 50
+    assert host._index().zoned_kfuncs is False
+    monkeypatch.setenv("PYCONNTRACK_DISABLE", "netfilter_bpf")
+    topo.send("udp", 4, 5, 20, dport=20000)
+    res = host.delete(Filter(zone=5))
+    assert res.strategy != "index" and res.deleted == 20
+
+
+def test_reattach_with_another_size_is_a_clear_error(topo, host):
+    host.attach_index(max_records=4096)
+    with pytest.raises(ConntrackError, match="another --max-records"):
+        host.attach_index(max_records=8192)
+    r = cli("index", "attach", "--netns", topo.host_netns, "--max-records", "8192")
+    assert r.returncode != 0 and "another --max-records" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    assert host.attach_index().already_attached          # no size: reuse
+
+
+def test_status_counts_records_that_exist(topo, host):
+    host.attach_index(max_records=256)
+    topo.send("udp", 4, 5, 600)
+    status = host.index_status()
+    assert status["zones"][5]["records"] <= 256 and status["records"] <= 256
+    assert 5 in status["dirty_zones"]
+    assert status["memory_bytes"] > 0 and status["memory_max_bytes"] >= status["memory_bytes"]
+
+
+def test_non_root_attach_exits_3(topo):
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *CLI,
+                        "index", "attach"], capture_output=True, text=True)
+    assert r.returncode == 3, (r.returncode, r.stderr)
