@@ -17,6 +17,19 @@
 
 #define SEED_BATCH 1024
 
+/* Kernel zone direction flags (CTI_ZONE_DIR_*) <-> the shim's PCT_ZONE_*. */
+static unsigned char kdir(unsigned char pct_dir)
+{
+    return pct_dir == PCT_ZONE_ORIG ? CTI_ZONE_DIR_ORIG
+         : pct_dir == PCT_ZONE_REPLY ? CTI_ZONE_DIR_REPL : CTI_ZONE_DIR_BOTH;
+}
+
+static unsigned char pdir(unsigned char kernel_dir)
+{
+    return kernel_dir == CTI_ZONE_DIR_ORIG ? PCT_ZONE_ORIG
+         : kernel_dir == CTI_ZONE_DIR_REPL ? PCT_ZONE_REPLY : PCT_ZONE_BOTH;
+}
+
 static int has_ports(unsigned char proto)
 {
     return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP
@@ -58,6 +71,7 @@ static void record_to_entry(const struct cti_record *r, struct pct_entry *e)
     e->family = r->family;
     e->proto = r->proto;
     e->zone = r->zone;
+    e->zone_dir = pdir(r->zone_dir);
     if (is_icmp(r->proto)) {
         e->icmp_id = ntohs(r->sport);
         e->icmp_type = r->icmp_type;
@@ -95,71 +109,16 @@ static int add_sorted(struct cti *c, struct cti_record *recs, int n, long long *
     return 0;
 }
 
-/* ---- an entry's zone: id and direction -------------------------------------
- * ctnetlink reports a zone of both directions as CTA_ZONE, a zone of one
- * direction as CTA_TUPLE_ZONE inside that direction's tuple. The entry belongs
- * to the zone's id whatever the direction (the kernel's 6.8+ filter meaning). */
-static void tuple_zone(const struct nlattr *tuple, unsigned char dir, unsigned short *id,
-                       unsigned char *out_dir)
-{
-    const struct nlattr *a;
-
-    mnl_attr_for_each_nested(a, tuple) {
-        if (mnl_attr_get_type(a) == CTA_TUPLE_ZONE && mnl_attr_get_payload_len(a) >= 2) {
-            *id = ntohs(mnl_attr_get_u16(a));
-            *out_dir = dir;
-        }
-    }
-}
-
-static void entry_zone(const struct nlmsghdr *nlh, unsigned short *id, unsigned char *dir)
-{
-    const struct nlattr *a;
-
-    *id = 0;
-    *dir = CTI_ZONE_DIR_BOTH;
-    mnl_attr_for_each(a, nlh, sizeof(struct nfgenmsg)) {
-        switch (mnl_attr_get_type(a)) {
-        case CTA_ZONE:
-            if (mnl_attr_get_payload_len(a) >= 2) {
-                *id = ntohs(mnl_attr_get_u16(a));
-                *dir = CTI_ZONE_DIR_BOTH;
-            }
-            break;
-        case CTA_TUPLE_ORIG:
-            tuple_zone(a, CTI_ZONE_DIR_ORIG, id, dir);
-            break;
-        case CTA_TUPLE_REPLY:
-            tuple_zone(a, CTI_ZONE_DIR_REPL, id, dir);
-            break;
-        }
-    }
-}
-
 /* The next entries of the running dump matching f, with the zone taken from
  * its id whatever its direction (dirs[i]: the direction flags). */
 static int dump_next_zoned(struct pct_handle *h, const struct pct_filter *f,
                            struct pct_entry *out, unsigned char *dirs, int max)
 {
-    const struct nlmsghdr *nlh;
-    const struct nlattr *orig;
-    int n = 0, rc;
+    int n = pct_dump_next(h, out, max), i;
 
-    while (n < max) {
-        unsigned short id;
-
-        rc = pct_next_msg(h, &nlh);
-        if (rc < 0)
-            return rc;
-        if (rc == 0)
-            break;
-        if (pct_parse_entry(nlh, &out[n], &orig) < 0)
-            continue;
-        entry_zone(nlh, &id, &dirs[n]);
-        out[n].zone = id;
-        if (pct_match(f, &out[n]))
-            n++;
-    }
+    (void)f;   /* the dump's own filter (set by pct_dump_start) */
+    for (i = 0; i < n; i++)
+        dirs[i] = kdir(out[i].zone_dir);
     return n;
 }
 
@@ -274,18 +233,14 @@ static int resolve_reply_zone(struct pct_handle *h, const struct cti_record *r,
                 struct pct_entry got;
                 const struct nlattr *orig;
                 struct cti_record gr;
-                unsigned short id;
-                unsigned char dir;
 
                 if (pct_parse_entry(m, &got, &orig) < 0)
                     continue;
-                entry_zone(m, &id, &dir);
-                got.zone = id;
-                entry_to_record(&got, dir, &gr);
+                entry_to_record(&got, kdir(got.zone_dir), &gr);
                 gr.hook = r->hook;
                 gr.ts_sec = r->ts_sec;
                 if (!memcmp(&gr, r, offsetof(struct cti_record, hook))) {
-                    e->id = got.id;
+                    *e = got;   /* id and reply tuple: the delete needs both */
                     found = 1;
                 }
             }
@@ -369,7 +324,7 @@ int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filte
         todo_slots[k++] = slots[i];
     }
     if (r) {
-        rc = pct_delete_entries(h, reply, r, 0, &dr);
+        rc = pct_delete_entries(h, reply, r, use_zone_attr, &dr);
         if (rc < 0)
             goto out;
         res->deleted += dr.deleted;
