@@ -111,6 +111,105 @@ static __always_inline int cti_append(struct cti_zone *zm, __u32 zone,
 /* Netfilter program: record new entries                               */
 /* ------------------------------------------------------------------ */
 
+/* Is the entry a hook record points at still the record's? Conntrack entries
+ * come from a SLAB_TYPESAFE_BY_RCU cache: the memory stays an nf_conn (or
+ * becomes unreadable), so probe reads are safe; a freed entry has use 0, a
+ * reused one another tuple or zone. Expired entries not yet freed count as
+ * alive (the table still counts them). Records from walks (ct 0) are kept. */
+static __always_inline int cti_entry_alive(const struct cti_record *r)
+{
+	struct nf_conn *ct = (struct nf_conn *)r->ct;
+	const struct nf_conntrack_tuple *t;
+	unsigned int a[4] = {}, diff;
+	unsigned long status = 0;
+	struct nf_conntrack_zone z = {};
+	__u16 sp = 0, dp = 0, want_dp;
+	int use = 0, icmp;
+	long err = 0;
+	__u8 dir;
+
+	if (!ct)
+		return 1;
+	t = &ct->tuplehash[0].tuple;
+	err |= bpf_core_read(&use, sizeof(use), &ct->ct_general.use.refs.counter);
+	err |= bpf_core_read(&status, sizeof(status), &ct->status);
+	if (bpf_core_field_exists(ct->zone))
+		bpf_core_read(&z, sizeof(z), &ct->zone);
+	err |= bpf_core_read(&sp, sizeof(sp), &t->src.u.all);
+	err |= bpf_core_read(&dp, sizeof(dp), &t->dst.u.all);
+	dir = z.dir & CTI_ZONE_DIR_BOTH;
+	dir |= (!dir) * CTI_ZONE_DIR_BOTH;
+	/* ICMP: the tuple's dst.u holds type and code, the record has dport 0 */
+	icmp = (r->proto == IPPROTO_ICMP) | (r->proto == IPPROTO_ICMPV6);
+	want_dp = icmp ? (__u16)(r->icmp_type | (r->icmp_code << 8)) : r->dport;
+	diff = (z.id ^ r->zone) | (dir ^ r->zone_dir) | (sp ^ r->sport) | (dp ^ want_dp);
+	err |= bpf_core_read(a, sizeof(a), &t->src.u3);
+	diff |= (a[0] ^ r->saddr[0]) | (a[1] ^ r->saddr[1]) | (a[2] ^ r->saddr[2]) |
+		(a[3] ^ r->saddr[3]);
+	err |= bpf_core_read(a, sizeof(a), &t->dst.u3);
+	diff |= (a[0] ^ r->daddr[0]) | (a[1] ^ r->daddr[1]) | (a[2] ^ r->daddr[2]) |
+		(a[3] ^ r->daddr[3]);
+	if (err)
+		return 0;   /* unreadable: the slab page is gone, so is the entry */
+	return use > 0 && (status & IPS_CONFIRMED) && !diff;
+}
+
+/* Amortised pruning: with each record stored, look at the zone's oldest
+ * slots; drop records of freed entries, move live ones to the head. Keeps a
+ * churning zone's window (and the map) at its live entries without cleanups.
+ * Skipped while a reaper pass runs on the zone (it moves the tail itself); a
+ * move racing with a pass's start is caught by cti_zone.moves (the pass is
+ * run again). */
+static __always_inline void cti_prune_tail(struct cti_zone *zm, __u32 zone,
+					   struct cti_stats *st, __u32 now)
+{
+	int i;
+
+	for (i = 0; i < CTI_PRUNE_PER_APPEND; i++) {
+		struct cti_record r, *rp;
+		__u64 t, key, nslot, nkey;
+
+		t = zm->tail;
+		if (zm->busy || zm->head - t <= CTI_PRUNE_MIN_WINDOW)
+			return;
+		key = cti_key(zone, t);
+		rp = bpf_map_lookup_elem(&cti_records, &key);
+		if (!rp)
+			return;   /* a hole or an insert in flight: leave it to a pass */
+		r = *rp;
+		if (!cti_entry_alive(&r)) {
+			if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t)
+				return;
+			if (!bpf_map_delete_elem(&cti_records, &key)) {
+				__sync_fetch_and_add(&zm->removed, 1);
+				__sync_fetch_and_add(&zm->pruned, 1);
+				st->removed++;
+			}
+			continue;
+		}
+		/* alive and young: it is the zone's oldest record, so it will most
+		 * likely go first; wait for it (keeps the window in creation order) */
+		if (now - r.ts_sec < CTI_PRUNE_MOVE_AGE)
+			return;
+		/* alive for long: copy it to the head first, so it is never out of
+		 * sight, then release its slot */
+		nslot = __sync_fetch_and_add(&zm->head, 1);
+		nkey = cti_key(zone, nslot);
+		if (bpf_map_update_elem(&cti_records, &nkey, &r, BPF_NOEXIST)) {
+			__sync_fetch_and_add(&zm->done, 1);   /* a hole at nslot */
+			return;
+		}
+		__sync_fetch_and_add(&zm->moves, 1);
+		__sync_fetch_and_add(&zm->done, 1);
+		if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t) {
+			/* another CPU took slot t: drop our copy again */
+			bpf_map_delete_elem(&cti_records, &nkey);
+			return;
+		}
+		bpf_map_delete_elem(&cti_records, &key);
+	}
+}
+
 SEC("netfilter")
 int cti_record(struct bpf_nf_ctx *ctx)
 {
@@ -179,6 +278,7 @@ int cti_record(struct bpf_nf_ctx *ctx)
 	rec.zone_dir = zdir;
 	rec.hook = BPF_CORE_READ(ctx, state, hook);
 	rec.ts_sec = bpf_ktime_get_ns() / 1000000000ULL;
+	rec.ct = (unsigned long long)ct;
 
 	zm = bpf_map_lookup_elem(&cti_zones, &zone);
 	if (!zm)
@@ -187,6 +287,7 @@ int cti_record(struct bpf_nf_ctx *ctx)
 		st->failed++;
 	else
 		st->recorded++;
+	cti_prune_tail(zm, zone, st, rec.ts_sec);
 	return NF_ACCEPT;
 }
 
@@ -525,6 +626,11 @@ int cti_reap(struct xdp_md *ctx)
 	c.xdp = ctx;
 	__builtin_memcpy(&c.f, &a->filter, sizeof(c.f));
 	removed_before = __sync_fetch_and_add(&c.zm->removed, 0);
+	if (!a->end) {   /* a pass begins: keep the hook off the zone's tail */
+		__sync_lock_test_and_set(&c.zm->busy, 1);
+		a->moves_start = __sync_fetch_and_add(&c.zm->moves, 0);
+		a->restart = 0;
+	}
 
 	budget = a->budget;
 	if (budget == 0 || budget > CTI_MAX_BATCH)
@@ -538,6 +644,11 @@ int cti_reap(struct xdp_md *ctx)
 	a->status = 0;
 	a->end = c.end;
 	a->pass_done = c.zm->tail >= c.end;
+	if (a->pass_done) {
+		__sync_lock_test_and_set(&c.zm->busy, 0);
+		/* a move that raced with the pass's start may sit beyond its end */
+		a->restart = __sync_fetch_and_add(&c.zm->moves, 0) != a->moves_start;
+	}
 	a->visited += c.visited;
 	a->deleted += c.deleted;
 	a->gone += c.gone;

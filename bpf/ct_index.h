@@ -55,7 +55,7 @@
 #define CTI_F_DPORT 32
 #define CTI_F_ADDR 64  /* src or dst inside addr/addr_mask */
 
-/* One recorded conntrack entry: its original-direction tuple. 48 bytes. */
+/* One recorded conntrack entry: its original-direction tuple. 56 bytes. */
 struct cti_record {
 	unsigned int saddr[4];     /* IPv4 uses saddr[0] */
 	unsigned int daddr[4];
@@ -69,9 +69,12 @@ struct cti_record {
 	unsigned char zone_dir;    /* ct->zone.dir (CTI_ZONE_DIR_*; never 0) */
 	unsigned char hook;        /* NF_INET_* hook that saw the entry */
 	unsigned int ts_sec;       /* bpf_ktime_get_ns() / 1e9 at record time */
+	unsigned long long ct;     /* the nf_conn's address (hook records; 0 from a
+	                              walk): lets the hook prune records of freed
+	                              entries without a lookup */
 };
 
-/* Per-zone bookkeeping, BPF array indexed by zone id. 48 bytes. */
+/* Per-zone bookkeeping, BPF array indexed by zone id. 72 bytes. */
 struct cti_zone {
 	unsigned long long head;   /* next slot to reserve (monotonic) */
 	unsigned long long done;   /* finished insert attempts, ok or failed */
@@ -80,6 +83,10 @@ struct cti_zone {
 	unsigned long long added;  /* records stored since load */
 	unsigned long long removed; /* records deleted since load (added -
 	                               removed = records that exist) */
+	unsigned long long busy;    /* a reaper pass is running: the hook leaves
+	                               the zone's records alone */
+	unsigned long long moves;   /* records the hook moved to the head */
+	unsigned long long pruned;  /* records the hook pruned (entry freed) */
 };
 
 /* Global counters of the netfilter program (per-CPU array, 1 entry). */
@@ -150,7 +157,18 @@ struct cti_reap_args {
 	unsigned long long head;        /* zone head after this run */
 	unsigned long long foreign;     /* lookup found another entry (other zone
 	                                   or direction, tuple reused): untouched */
+	unsigned long long moves_start; /* cti_zone.moves when the pass began */
+	unsigned int restart;           /* the hook moved records during the pass:
+	                                   run another pass */
+	unsigned int pad2;
 };
+/* The hook prunes a zone's tail only beyond this many slots. */
+#define CTI_PRUNE_MIN_WINDOW 64
+/* Tail slots the hook examines per record it stores. */
+#define CTI_PRUNE_PER_APPEND 2
+/* A live record at the tail is moved to the head only when older than this
+ * (seconds): younger ones are waited for (they are the oldest of the zone). */
+#define CTI_PRUNE_MOVE_AGE 30
 
 /* ---- CFFI-CDEF-END ---- */
 

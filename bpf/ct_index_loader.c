@@ -402,7 +402,16 @@ static int reap_loop(struct cti *c, unsigned int op, unsigned int zone,
 	/* bound the retries: a pass of N slots needs about N / budget runs */
 	max_runs = (a.end - a.tail) / a.budget + 64;
 	res->runs = 1;
-	while (!err && !a.pass_done && res->runs < max_runs) {
+	for (;;) {
+		while (!err && !a.pass_done && res->runs < max_runs) {
+			err = run_reaper(c, &a);
+			res->runs++;
+		}
+		/* the hook moved records while the pass began: one more pass */
+		if (err || !a.pass_done || !a.restart || res->runs >= max_runs)
+			break;
+		a.end = 0;
+		a.pass_done = 0;
 		err = run_reaper(c, &a);
 		res->runs++;
 	}

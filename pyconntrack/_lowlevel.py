@@ -337,7 +337,8 @@ class IndexHandle(_Owned):
         z = ffi.new("struct cti_zone *")
         check(lib.cti_zone_stats(self.raw, zone, z), "cti_zone_stats")
         return {"head": z.head, "done": z.done, "tail": z.tail, "failed": z.failed,
-                "added": z.added, "removed": z.removed}
+                "added": z.added, "removed": z.removed, "busy": z.busy, "moves": z.moves,
+                "pruned": z.pruned}
 
     def stats(self) -> dict:
         s = ffi.new("struct cti_stats *")

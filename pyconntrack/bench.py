@@ -132,6 +132,9 @@ def add_parser(sub, name: str) -> None:
                    help="only the CLI start-up section (end-to-end CLI latency, probe cache)")
     p.add_argument("--no-startup", action="store_true",
                    help="skip the CLI start-up section")
+    p.add_argument("--index", action="store_true",
+                   help="only the eBPF index figures (bench_index.py): setup-rate overhead, "
+                        "share served under churn, attach time, each against its baseline")
     p.add_argument("--debug", action="store_true")
 
 
@@ -1307,7 +1310,21 @@ def _render(result: dict, args) -> None:
     print(json.dumps(result, indent=1) if args.json else md)
 
 
+def _run_index_figures(args) -> int:
+    from . import bench_index
+    result = bench_index.run_all(quick=bool(getattr(args, "quick", False)))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "index.json"), "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def run(args) -> int:
+    if getattr(args, "index", False):
+        return _run_index_figures(args)
     if args.from_json:
         with open(args.from_json) as f:
             result = json.load(f)
