@@ -382,3 +382,25 @@ def test_non_root_attach_exits_3(topo):
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *CLI,
                         "index", "attach"], capture_output=True, text=True)
     assert r.returncode == 3, (r.returncode, r.stderr)
+
+
+# -- issue 12: records of entries that end on their own are pruned ----------------------
+
+def test_hook_prunes_records_of_gone_entries(topo, host):
+    ns = topo.host_netns
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                    "net.netfilter.nf_conntrack_udp_timeout=1"], check=True)
+    host.attach_index()
+    topo.send("udp", 4, 5, 2000)
+    assert host.index_status()["zones"][5]["records"] == 2000
+    import time
+    time.sleep(2.5)
+    conntrack_tool(ns, "-L")          # a dump unlinks expired entries: they are freed
+    assert listed(ns, 5) == []
+    topo.send("udp", 4, 5, 2000, dport=30000)   # each new record prunes the zone's tail
+    z = host._index().zone(5)
+    assert z["pruned"] >= 1900, z
+    assert z["records"] <= 2000 + 2 * 64, z
+    assert host.index_audit()["missing"] == 0   # nothing live was dropped
+    res = host.delete(Filter(zone=5))
+    assert res.strategy == "index" and host.count(Filter(zone=5)) == 0
