@@ -40,10 +40,25 @@ def _ovs_missing() -> str:
     return ""
 
 
-def run(*argv, check=True):
-    r = subprocess.run(list(argv), capture_output=True, text=True)
+def _ovs_log() -> str:
+    out = []
+    for name in ("ovs-vswitchd.log", "ovsdb-server.log"):
+        try:
+            with open(f"/var/log/openvswitch/{name}") as f:
+                out.append(f"{name}: " + " | ".join(f.read().splitlines()[-8:]))
+        except OSError:
+            pass
+    return "; ".join(out)
+
+
+def run(*argv, check=True, timeout=90):
+    try:
+        r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{' '.join(argv)} timed out; {_ovs_log()}") from None
     if check and r.returncode:
-        raise AssertionError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
+        raise AssertionError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}; "
+                             f"{_ovs_log()}")
     return r.stdout
 
 
@@ -63,7 +78,7 @@ def ovs():
         run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         run("ip", "netns", "exec", ns, OVS_CTL, "start", "--system-id=random", "--no-mlockall")
         started = True
-        vs = ["ip", "netns", "exec", ns, "ovs-vsctl"]
+        vs = ["ip", "netns", "exec", ns, "ovs-vsctl", "--timeout=30"]
         run(*vs, "add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=system")
         for i, peer in ((1, c1), (2, c2)):
             run("ip", "-n", ns, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0",
@@ -85,8 +100,8 @@ def ovs():
         yield ns, c1, c2
     finally:
         if started:
-            run("ip", "netns", "exec", ns, "ovs-vsctl", "--if-exists", "del-br", "br0",
-                check=False)
+            run("ip", "netns", "exec", ns, "ovs-vsctl", "--timeout=30", "--if-exists", "del-br",
+                "br0", check=False)
             run("ip", "netns", "exec", ns, OVS_CTL, "stop", check=False)
         for n in (c1, c2, ns):
             run("ip", "netns", "del", n, check=False)
