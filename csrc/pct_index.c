@@ -631,10 +631,9 @@ static int nl_dump(int fd, char *buf, size_t cap, struct nlmsghdr *req, unsigned
             if (m->nlmsg_type == NLMSG_DONE)
                 return 0;
             if (m->nlmsg_type == NLMSG_ERROR) {
+                /* an error, or the ACK that ends a request that is no dump */
                 const struct nlmsgerr *e = mnl_nlmsg_get_payload(m);
-                if (e->error)
-                    return e->error;
-                continue;
+                return e->error;
             }
             cb(m, arg);
         }
