@@ -132,10 +132,14 @@ def test_traffic_continuing_during_cleanup(topo, host):
 
     t = threading.Thread(target=traffic)
     t.start()
-    results = [host.delete(Filter(zone=5, dport=(1, 29999))) for _ in range(5)]
+    # forced: auto may rightly prefer a walk once the zone's window outgrows
+    # the table's buckets (small VMs); this test is about the index path
+    results = [host.delete(Filter(zone=5, dport=(1, 29999)), strategy="index")
+               for _ in range(5)]
     t.join()
     assert not errors
-    assert all(r.strategy == "index" and r.failed == 0 for r in results)
+    assert all(r.strategy == "index" and r.failed == 0 for r in results), \
+        [(r.strategy, r.reason) for r in results]
     after = snapshot(host)
     gone = {k for k, e in before.items() if e.zone == 5}
     assert not gone & set(after), "an entry that existed before the cleanup survived"
