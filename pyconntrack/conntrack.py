@@ -586,8 +586,9 @@ class Conntrack:
                     "the index of this namespace is attached with another --max-records; "
                     "detach it first to change its size", 34, "attach")
             if self._zone_index is None:
-                self._zone_index = index_mod.ZoneIndex(self._path, self.netns, max_records,
-                                                       caps.zoned_kfuncs, create=True)
+                self._zone_index = index_mod.ZoneIndex(
+                    self._path, self.netns, max_records, caps.zoned_kfuncs, create=True,
+                    known=(caps.netfilter_bpf, caps.zoned_kfuncs, caps.index_error))
             return self._zone_index.attach(self._h(), _kflags(caps))
 
     def detach_index(self) -> bool:
