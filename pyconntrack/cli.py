@@ -220,7 +220,7 @@ def _cmd_create(a) -> int:
 
 
 def _cmd_demo(a) -> int:
-    from . import demo
+    from .bench import demo
     if a.entries < 1 or a.zones < 15 or a.zones > 65535:
         raise InvalidFilter("demo needs --entries >= 1 and --zones between 15 and 65535")
     rows = demo.run(entries=a.entries, zones=a.zones)

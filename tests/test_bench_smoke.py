@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pyconntrack import bench
+from pyconntrack.bench import harness as bench
 
 REQUIRE_KERNEL = os.environ.get("PYCONNTRACK_REQUIRE_KERNEL") == "1"
 SYSCTL_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"

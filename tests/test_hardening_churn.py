@@ -22,7 +22,7 @@ from pyconntrack import Conntrack, Filter
 from pyconntrack import _lowlevel as ll
 from pyconntrack import conntrack as conntrack_mod
 from pyconntrack import index as index_mod
-from pyconntrack.topology import Topology
+from pyconntrack.testing.topology import Topology
 
 from model import key
 

@@ -279,7 +279,7 @@ def test_netns_removed_mid_operation():
 def test_netns_removed_with_index_attached():
     """The index's links outlive a deleted namespace name: an open Conntrack
     must still report, use and detach it (pins gone afterwards)."""
-    from pyconntrack.topology import Topology
+    from pyconntrack.testing.topology import Topology
     ok, _, reason = index_mod.availability()
     if not ok:
         pytest.skip(reason)

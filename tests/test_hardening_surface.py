@@ -113,7 +113,7 @@ def test_pinned_bpf_objects_root_only():
     only by root: the directories are 0700 root-owned, and user nobody can
     neither list the pins nor open one."""
     from pyconntrack import Conntrack, index as index_mod
-    from pyconntrack.topology import Topology
+    from pyconntrack.testing.topology import Topology
     ok, _, reason = index_mod.availability()
     if not ok:
         pytest.skip(reason)

@@ -13,7 +13,7 @@ import pytest
 
 from pyconntrack import Conntrack, Filter, KernelUnsupported
 from pyconntrack import index as index_mod
-from pyconntrack.topology import Topology
+from pyconntrack.testing.topology import Topology
 
 from model import key, model_match
 

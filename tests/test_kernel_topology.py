@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from pyconntrack import Conntrack, Filter
-from pyconntrack.topology import Topology, TopologyError, default_prefix, flowgen_path
+from pyconntrack.testing.topology import Topology, TopologyError, default_prefix, flowgen_path
 
 pytestmark = pytest.mark.kernel
 

@@ -10,10 +10,10 @@ import time
 from collections import Counter
 from typing import Callable, Dict, List, Optional, TextIO, Tuple
 
-from . import netns as scratch_netns
-from .conntrack import Conntrack
-from .errors import ConntrackError, KernelUnsupported
-from .filter import Filter
+from .. import netns as scratch_netns
+from ..conntrack import Conntrack
+from ..errors import ConntrackError, KernelUnsupported
+from ..filter import Filter
 from .progress import Progress
 
 # (family, proto) mix of every zone: tcp/udp/icmp over IPv4 and IPv6

@@ -42,10 +42,10 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from . import netns as scratch_netns
-from .conntrack import Conntrack
-from .errors import ConntrackError, InvalidFilter
-from .filter import Filter
+from .. import netns as scratch_netns
+from ..conntrack import Conntrack
+from ..errors import ConntrackError, InvalidFilter
+from ..filter import Filter
 from .progress import Progress
 from .bench_peers import EXTRA_HINT, PYROUTE2_MISSING
 
@@ -204,12 +204,12 @@ class KernelLimits:
 # ------------------------------------------------------------------------ workers
 
 class Worker:
-    """A ``python -m pyconntrack.bench_peers KIND NETNS`` child speaking JSON lines."""
+    """A ``python -m pyconntrack.bench.peers KIND NETNS`` child speaking JSON lines."""
 
     def __init__(self, kind: str, netns: str) -> None:
         self.kind = kind
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyconntrack.bench_peers", kind, netns],
+            [sys.executable, "-m", "pyconntrack.bench.peers", kind, netns],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def call(self, **request) -> dict:
@@ -1221,7 +1221,7 @@ def plot(result: dict, path: str) -> None:
 # ---------------------------------------------------------------------------- run
 
 def _meta(opts: dict, limits: KernelLimits) -> dict:
-    from . import __version__ as version  # type: ignore[attr-defined]
+    from .. import __version__ as version  # type: ignore[attr-defined]
     try:
         import pyroute2
         p2 = getattr(pyroute2, "__version__", "?")
@@ -1244,7 +1244,7 @@ def _meta(opts: dict, limits: KernelLimits) -> dict:
             mem_kb = int(f.readline().split()[1])
     except (OSError, ValueError, IndexError):
         pass
-    from .conntrack import probe_capabilities
+    from ..conntrack import probe_capabilities
     caps = probe_capabilities()
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu,
             "mem_gb": round(mem_kb / 1024 / 1024, 1), "python": platform.python_version(),

@@ -1,4 +1,4 @@
-"""Benchmark workers (``python -m pyconntrack.bench_peers KIND NETNS``).
+"""Benchmark workers (``python -m pyconntrack.bench.peers KIND NETNS``).
 
 ``pyconntrack bench`` runs every in-process method in a worker process of its
 own, so that the worker's peak RSS is the method's own (not the harness's,
@@ -183,14 +183,14 @@ class Pyroute2Cleaner:
 
 
 def _filters(specs):
-    from .filter import Filter
+    from ..filter import Filter
     return [Filter(**s) for s in specs]
 
 
 def serve_pct(netns: str, request: dict) -> dict:
     global _CT
-    from .conntrack import Conntrack
-    from .filter import Filter
+    from ..conntrack import Conntrack
+    from ..filter import Filter
     if _CT is None:
         _CT = Conntrack(netns)
     ct = _CT
@@ -241,7 +241,7 @@ def serve_pct(netns: str, request: dict) -> dict:
     if op == "detach_index":
         return {"detached": bool(ct.detach_index()) if hasattr(ct, "detach_index") else False}
     if op == "strategies":
-        from . import plan
+        from .. import plan
         return {"strategies": list(plan.STRATEGIES)}
     raise ValueError(f"unknown pct op {op!r}")
 

@@ -32,9 +32,10 @@ import subprocess
 import uuid
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import netns as _netns
+from .. import netns as _netns
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# pyconntrack/testing/topology.py -> the repository (tools/ holds flowgen.c)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS_DIR = os.path.join(REPO_ROOT, "tools")
 FLOWGEN = os.path.join(TOOLS_DIR, ".output", "flowgen")
 
@@ -373,7 +374,7 @@ class Topology:
     # -- host conntrack table ------------------------------------------------
     def conntrack_count(self) -> int:
         """Entries in the host netns' conntrack table (no walk)."""
-        from .conntrack import Conntrack
+        from ..conntrack import Conntrack
         with Conntrack(self._host) as ct:
             return ct.table_count()
 
@@ -385,7 +386,7 @@ class Topology:
         if shutil.which("conntrack"):
             _run(["ip", "netns", "exec", self._host, "conntrack", "-F"], "conntrack -F")
             return
-        from .conntrack import Conntrack
-        from .filter import Filter
+        from ..conntrack import Conntrack
+        from ..filter import Filter
         with Conntrack(self._host) as ct:
             ct.delete(Filter(), allow_default_zone=True)
