@@ -4,6 +4,7 @@ filter wins). Ports Neutron's unit-test semantics (test_ip_conntrack.py,
 test_iptables_firewall.py: dedup, zones, exhaustion, IPv4/IPv6, rules with
 and without ports) and tests the queue: coalescing, errors, close, asyncio."""
 import asyncio
+import concurrent.futures
 import errno
 import ipaddress
 import threading
@@ -631,6 +632,45 @@ def test_asyncio_gets_the_exception(mgr, fake):
         return info.value.errno
 
     assert asyncio.run(main()) == errno.EPERM
+
+
+def test_handles_are_concurrent_futures(mgr, fake):
+    mgr.load_zones({"fake_net": 10})
+    fake.entries = [entry(10, "192.0.2.1", "10.0.0.1"), entry(10, "192.0.2.2", "10.0.0.1")]
+    fake.gate = threading.Event()
+    a = mgr.delete_by_remote_ips([fake_port()], "IPv4", ["192.0.2.1"])
+    assert fake.started.wait(10)
+    b = mgr.delete_by_remote_ips([fake_port()], "IPv4", ["192.0.2.2"])
+    assert isinstance(a, concurrent.futures.Future) and not a.done() and not a.running()
+    assert a.cancel() is False and not a.cancelled()   # a queued cleanup always runs
+    with pytest.raises(TimeoutError):
+        a.exception(timeout=0)
+    done, not_done = concurrent.futures.wait([a, b], timeout=0)
+    assert (done, not_done) == (set(), {a, b}) and "pending" in repr(a)
+    fake.gate.set()
+    assert [h.result(10).deleted for h in concurrent.futures.as_completed([a, b], 10)] == [1, 1]
+    assert a.exception() is None and "deleted 1" in repr(a)
+    assert mgr.stats()["pending"] == 0 and mgr.requests_done == 2 and fake.entries == []
+
+
+def test_cancelling_an_awaiting_task_leaves_the_cleanup_running(mgr, fake):
+    mgr.load_zones({"fake_net": 10})
+    fake.entries = [entry(10, "192.0.2.1", "10.0.0.1")]
+    fake.gate = threading.Event()
+
+    async def main():
+        h = mgr.delete_by_remote_ips([fake_port()], "IPv4", ["192.0.2.1"])
+        task = asyncio.ensure_future(h.wait_async())
+        while not fake.started.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        fake.gate.set()
+        return await asyncio.wrap_future(h), h
+
+    r, h = asyncio.run(main())
+    assert r.deleted == 1 and h.result(0) is r and not h.cancelled() and fake.entries == []
 
 
 def test_concurrent_submitters(mgr, fake):
