@@ -69,3 +69,19 @@ def test_every_package_is_shipped():
                                for m in pkgutil.iter_modules(pyconntrack.__path__) if m.ispkg}
     assert found == listed
     assert set(TOOLING) <= found
+
+
+def test_manager_split_keeps_its_names():
+    # every public name pyconntrack.manager had before its split by concern
+    import pyconntrack.manager as manager
+    from pyconntrack import cleanup_queue, rules, zone_maps
+    names = ["CleanupHandle", "ConntrackManager", "ZonesExhausted", "parse_iptables_zones",
+             "parse_nft_zones", "port_networks", "port_device_key", "of_port_zone",
+             "remote_ip_filters", "rule_filters", "ZONE_START", "MAX_ZONE", "DEV_KEY_LEN",
+             "DEV_PREFIX_LEN", "Network", "Port", "Capabilities", "Conntrack",
+             "ConntrackError", "DeleteResult", "Filter", "InvalidFilter", "PROTO_NUMBERS"]
+    assert [n for n in names if not hasattr(manager, n)] == []
+    assert set(manager.__all__) <= set(names)
+    assert manager.CleanupHandle is cleanup_queue.CleanupHandle is pyconntrack.CleanupHandle
+    assert manager.ZonesExhausted is zone_maps.ZonesExhausted is pyconntrack.ZonesExhausted
+    assert manager.rule_filters is rules.rule_filters
