@@ -11,19 +11,21 @@ handles' ``deleted`` add up to what left the table.
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import errno as _errno
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import ConntrackError
 from .filter import Filter
 from .rules import _unique
 from .types import DeleteResult
+
+if TYPE_CHECKING:
+    import asyncio
 
 LOG = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class CleanupHandle(concurrent.futures.Future):
 
     def wait_async(self) -> "asyncio.Future[DeleteResult]":
         """An asyncio future of the running loop (``asyncio.wrap_future``)."""
+        import asyncio  # only for asyncio callers: not at import
         return asyncio.wrap_future(self, loop=asyncio.get_running_loop())
 
     def __await__(self):
@@ -209,6 +212,7 @@ class CleanupQueue:
 
     async def wait_async(self) -> None:
         """Await every cleanup queued so far (errors stay on the handles)."""
+        import asyncio
         handles = self._snapshot()
         if handles:
             await asyncio.gather(*(h.wait_async() for h in handles), return_exceptions=True)
