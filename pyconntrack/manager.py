@@ -158,6 +158,10 @@ class ConntrackManager:
     def max_filters_per_pass(self) -> int:
         return self._queue.max_filters_per_pass
 
+    @max_filters_per_pass.setter
+    def max_filters_per_pass(self, value: int) -> None:
+        self._queue.max_filters_per_pass = value
+
     # the queue's counters: table walks done by the worker, delete_each calls
     # (successful or not), failed ones, requests finished
     walks = property(lambda self: self._queue.walks)
