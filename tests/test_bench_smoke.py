@@ -178,10 +178,10 @@ def test_without_matplotlib_table_and_json_and_says_plot_skipped(tmp_path):
 
 
 def test_without_pyroute2_the_peer_says_which_extra():
-    from pyconntrack import bench_peers
+    from pyconntrack.bench import peers as bench_peers
     p = subprocess.run([sys.executable, "-c",
                         "import sys; sys.modules['pyroute2'] = None\n"
-                        "from pyconntrack import bench_peers\n"
+                        "from pyconntrack.bench import peers as bench_peers\n"
                         "bench_peers.Pyroute2Cleaner()\n"], capture_output=True, text=True)
     assert p.returncode == 1
     assert p.stderr.strip().splitlines()[-1] == f"ImportError: {bench_peers.PYROUTE2_MISSING}"

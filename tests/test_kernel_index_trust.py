@@ -19,7 +19,7 @@ import pytest
 
 from pyconntrack import Conntrack, ConntrackError, Filter
 from pyconntrack import index as index_mod
-from pyconntrack.topology import Topology
+from pyconntrack.testing.topology import Topology
 
 pytestmark = pytest.mark.kernel
 

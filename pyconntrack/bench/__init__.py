@@ -1,6 +1,7 @@
 """Tooling, not runtime: the benchmark harness (``pyconntrack bench``), its
-worker processes (:mod:`.peers`), the demo (``pyconntrack demo``) and their
-progress bar. Nothing that an agent embeds imports this package.
+worker processes (:mod:`.peers`), the eBPF index figures (:mod:`.index_bench`,
+``bench --index``), the demo (``pyconntrack demo``) and their progress bar.
+Nothing that an agent embeds imports this package.
 
 ``add_parser``/``run`` are the CLI plugin entry points (``PLUGINS`` in
 :mod:`pyconntrack.cli`); the harness is imported only when they are called.

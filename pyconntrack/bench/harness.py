@@ -47,7 +47,7 @@ from ..conntrack import Conntrack
 from ..errors import ConntrackError, InvalidFilter
 from ..filter import Filter
 from .progress import Progress
-from .bench_peers import EXTRA_HINT, PYROUTE2_MISSING
+from .peers import EXTRA_HINT, PYROUTE2_MISSING
 
 SYSCTL_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
 SYSCTL_BUCKETS = "/proc/sys/net/netfilter/nf_conntrack_buckets"
@@ -133,7 +133,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--no-startup", action="store_true",
                    help="skip the CLI start-up section")
     p.add_argument("--index", action="store_true",
-                   help="only the eBPF index figures (bench_index.py): setup-rate overhead, "
+                   help="only the eBPF index figures (bench/index_bench.py): setup-rate overhead, "
                         "share served under churn, attach time, each against its baseline")
     p.add_argument("--debug", action="store_true")
 
@@ -1311,8 +1311,8 @@ def _render(result: dict, args) -> None:
 
 
 def _run_index_figures(args) -> int:
-    from . import bench_index
-    result = bench_index.run_all(quick=bool(getattr(args, "quick", False)))
+    from . import index_bench
+    result = index_bench.run_all(quick=bool(getattr(args, "quick", False)))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "index.json"), "w") as f:

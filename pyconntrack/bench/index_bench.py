@@ -17,9 +17,9 @@ import threading
 import time
 from typing import List
 
-from .conntrack import Conntrack
-from .filter import Filter
-from .topology import Topology
+from ..conntrack import Conntrack
+from ..filter import Filter
+from ..testing.topology import Topology
 
 
 def _sysctl(ns: str, key: str, value: int) -> None:
