@@ -105,7 +105,6 @@ class ConntrackManager:
                  capabilities: Optional[Capabilities] = None,
                  max_filters_per_pass: int = 4096) -> None:
         self._zone_map = ZoneMap(zone_range)
-        self.zone_range = self._zone_map.zone_range
         self.zone_per_port = zone_per_port
         self._device_key_fn = device_key
         self._zone_of = zone_of
@@ -153,6 +152,15 @@ class ConntrackManager:
     @property
     def _thread(self) -> threading.Thread:
         return self._queue.thread
+
+    @property
+    def zone_range(self) -> Tuple[int, int]:
+        """``(first, last)``: the zones new keys get (assignable; keys keep theirs)."""
+        return self._zone_map.zone_range
+
+    @zone_range.setter
+    def zone_range(self, value: Tuple[int, int]) -> None:
+        self._zone_map.zone_range = value
 
     @property
     def max_filters_per_pass(self) -> int:

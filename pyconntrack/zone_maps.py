@@ -154,11 +154,21 @@ class ZoneMap:
 
     def __init__(self, zone_range: Tuple[int, int] = (ZONE_START, MAX_ZONE),
                  initial: Optional[Mapping[str, int]] = None) -> None:
-        self.zone_range = check_zone_range(zone_range)
         self._lock = threading.RLock()
+        self.zone_range = zone_range
         self._zones: Dict[str, int] = {}
         if initial:
             self.load(initial)
+
+    @property
+    def zone_range(self) -> Tuple[int, int]:
+        return self._range
+
+    @zone_range.setter
+    def zone_range(self, value: Any) -> None:
+        checked = check_zone_range(value)
+        with self._lock:
+            self._range = checked
 
     def __len__(self) -> int:
         with self._lock:

@@ -634,6 +634,23 @@ def test_asyncio_gets_the_exception(mgr, fake):
     assert asyncio.run(main()) == errno.EPERM
 
 
+def test_zone_range_assigned_later_applies_to_new_keys(fake):
+    m = port_mgr(fake)
+    try:
+        assert m.get_device_zone("tap0000000a-00") == 4097
+        m.zone_range = (5000, 5001)          # as Neutron's tests narrow it
+        assert m.zone_range == (5000, 5001)
+        assert [m.get_device_zone(f"tap0000000{c}-00") for c in "bc"] == [5000, 5001]
+        assert m.get_device_zone("tap0000000a-00") == 4097   # keys keep their zone
+        with pytest.raises(ZonesExhausted):
+            m.get_device_zone("tap0000000e-00")
+        with pytest.raises(InvalidFilter):
+            m.zone_range = (0, 10)
+        assert m.zone_range == (5000, 5001)
+    finally:
+        m.close()
+
+
 def test_handles_are_concurrent_futures(mgr, fake):
     mgr.load_zones({"fake_net": 10})
     fake.entries = [entry(10, "192.0.2.1", "10.0.0.1"), entry(10, "192.0.2.2", "10.0.0.1")]
