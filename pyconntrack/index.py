@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import functools
 import os
 import stat
 import subprocess
@@ -59,10 +60,16 @@ class PinRootRefused(ConntrackError):
     """The pin root or a namespace's pin directory is not one we made."""
 
 
+@functools.lru_cache(maxsize=1)
+def _statfs():
+    """libc's statfs, loaded once: every ctypes.CDLL makes new function
+    classes that are never freed (1,000 cleanups grew the heap by 100 KB)."""
+    return ctypes.CDLL(None, use_errno=True).statfs
+
+
 def _fs_magic(path: str) -> int:
     buf = ctypes.create_string_buffer(256)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.statfs(os.fsencode(path), buf) != 0:
+    if _statfs()(os.fsencode(path), buf) != 0:
         return 0
     return int.from_bytes(buf.raw[:8], "little")
 
