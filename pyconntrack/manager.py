@@ -63,6 +63,20 @@ from .zone_maps import DEV_PREFIX_LEN  # noqa: F401
 LOG = logging.getLogger(__name__)
 
 
+def _collect_gone_indexes() -> None:
+    """An agent (re)start removes the eBPF indexes of namespaces that are gone
+    (e.g. routers deleted while it was down): their pinned links would keep
+    those namespaces and their conntrack tables alive. Best effort."""
+    from . import index as index_mod
+    try:
+        removed = index_mod.gc()
+    except (OSError, ConntrackError) as exc:
+        LOG.debug("eBPF index gc skipped: %s", exc)
+        return
+    if removed:
+        LOG.info("removed the eBPF zone index of %d gone namespaces", len(removed))
+
+
 # -- the manager -----------------------------------------------------------------------
 
 class ConntrackManager:
@@ -117,6 +131,7 @@ class ConntrackManager:
             self.load_zones(initial_zones)
         self._own_ct = conntrack is None
         self._ct = Conntrack(netns, capabilities=capabilities) if conntrack is None else conntrack
+        _collect_gone_indexes()
         self.netns = netns
         self._closed = False
         self._close_lock = threading.Lock()

@@ -236,6 +236,22 @@ def test_detach_by_pin_dir_when_the_name_is_gone(index_available):
     assert not os.path.exists(d)
 
 
+def test_agent_start_removes_the_index_of_a_gone_namespace(index_available, netns):
+    """A router namespace deleted while the agent was down: the manager's start
+    collects its index (pins, links), so the namespace can really go."""
+    from pyconntrack import ConntrackManager
+    name = f"pct-gc-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        with Conntrack(name) as ct:
+            d = ct.attach_index().pin_dir
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    assert os.path.isdir(d)
+    with ConntrackManager(netns):
+        assert not os.path.exists(d)
+
+
 def test_agent_restart_keeps_the_index(topo, host):
     host.attach_index()
     topo.send("udp", 4, 5, 100)
