@@ -29,15 +29,17 @@ CLI = [sys.executable, "-m", "pyconntrack"]
 
 
 def _ovs_missing() -> str:
+    # checks without side effects first: loading openvswitch.ko changes the
+    # machine (seen on 6.1: new namespaces then track connections)
     if not os.path.exists(OVS_CTL) or not shutil.which("ovs-vsctl"):
         return "openvswitch-switch is not installed"
-    if subprocess.run(["modprobe", "openvswitch"], capture_output=True).returncode:
-        return "no openvswitch kernel module"
-    if subprocess.run(["pgrep", "-x", "ovs-vswitchd"], capture_output=True).returncode == 0:
-        return "an Open vSwitch already runs on this machine: not touching it"
     ok, _, reason = index_mod.availability()
     if not ok:
         return f"eBPF zone index unavailable: {reason}"
+    if subprocess.run(["pgrep", "-x", "ovs-vswitchd"], capture_output=True).returncode == 0:
+        return "an Open vSwitch already runs on this machine: not touching it"
+    if subprocess.run(["modprobe", "openvswitch"], capture_output=True).returncode:
+        return "no openvswitch kernel module"
     return ""
 
 
@@ -72,6 +74,7 @@ def run(*argv, check=True, timeout=90):
 
 @pytest.fixture
 def ovs():
+    module_loaded = os.path.exists("/sys/module/openvswitch")
     missing = _ovs_missing()
     if missing:
         if REQUIRE_OVS:
@@ -113,6 +116,8 @@ def ovs():
             run("ip", "netns", "exec", ns, OVS_CTL, "stop", check=False)
         for n in (c1, c2, ns):
             run("ip", "netns", "del", n, check=False)
+        if not module_loaded:   # leave the machine as we found it
+            subprocess.run(["modprobe", "-r", "openvswitch"], capture_output=True)
 
 
 SENDER = """
