@@ -203,7 +203,7 @@ def _run_churn(duration: float, use_index: bool) -> dict:
             ct.close()
 
 
-@pytest.mark.parametrize("use_index,duration", [(False, 20), (True, 10)],
+@pytest.mark.parametrize("use_index,duration", [(False, 20), (True, 20)],
                          ids=["walk-flush", "index"])
 def test_churn_short(use_index, duration):
     from soak.figures import record
