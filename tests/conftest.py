@@ -9,6 +9,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -86,3 +87,44 @@ def ct(netns):
     from pyconntrack import Conntrack
     with Conntrack(netns) as c:
         yield c
+
+
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
+
+
+@pytest.fixture
+def nobody_cli():
+    """The CLI as user nobody would run an installed pyconntrack: the package
+    (with its shim) and cffi's backend copied to a world-readable temporary
+    directory, so that it works whatever the checkout's location (a clone in
+    root's 0700 home included). The interpreter is the one under the venv;
+    where nobody cannot even execute it (e.g. a pyenv build under /root),
+    nobody also keeps CAP_DAC_READ_SEARCH (reading files only; still no
+    CAP_NET_ADMIN or CAP_SYS_ADMIN)."""
+    import tempfile
+
+    import _cffi_backend
+    import pyconntrack
+    top = tempfile.mkdtemp(prefix="pct-nobody-")
+    try:
+        os.chmod(top, 0o755)
+        shutil.copytree(os.path.dirname(pyconntrack.__file__), os.path.join(top, "pyconntrack"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(_cffi_backend.__file__, top)
+        for d, dirs, files in os.walk(top):
+            for name in dirs + files:
+                os.chmod(os.path.join(d, name), 0o755)
+        python = os.path.realpath(sys.executable)
+        prefix = NOBODY
+        if subprocess.run([*NOBODY, python, "-c", "pass"], capture_output=True).returncode:
+            prefix = NOBODY[:-1] + ("--inh-caps=+dac_read_search",
+                                    "--ambient-caps=+dac_read_search", "--")
+        code = (f"import sys; sys.path.insert(0, {top!r}); from pyconntrack.cli import main; "
+                "sys.exit(main())")
+
+        def run_as_nobody(*args):
+            return subprocess.run([*prefix, python, "-I", "-c", code, *args], capture_output=True,
+                                  text=True, timeout=120, cwd="/")
+        yield run_as_nobody
+    finally:
+        shutil.rmtree(top)

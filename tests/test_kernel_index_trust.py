@@ -394,9 +394,8 @@ def test_status_counts_records_that_exist(topo, host):
     assert status["memory_bytes"] > 0 and status["memory_max_bytes"] >= status["memory_bytes"]
 
 
-def test_non_root_attach_exits_3(topo):
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *CLI,
-                        "index", "attach"], capture_output=True, text=True)
+def test_non_root_attach_exits_3(topo, nobody_cli):
+    r = nobody_cli("index", "attach", "--netns", topo.host_netns)
     assert r.returncode == 3, (r.returncode, r.stderr)
 
 
