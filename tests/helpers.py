@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 from pyconntrack import Conntrack, ConntrackError, Filter
 
@@ -54,3 +56,23 @@ def refill(ct: Conntrack, rows) -> None:
             ct.create_many(n, **r)
         except ConntrackError as exc:
             assert exc.errno == errno.EEXIST
+
+
+def require_index():
+    """The zoned-kfunc flag where the eBPF index loads; a skip saying why on
+    kernels before 6.4 (no netfilter BPF: a finding, not a silent skip); a
+    failure on newer kernels, where it must work."""
+    import pytest
+    from pyconntrack import index as index_mod
+    ok, zoned, reason = index_mod.availability()
+    if ok:
+        return zoned
+    if kernel_version() < (6, 4):
+        assert "6.4" in reason
+        pytest.skip(f"kernel {os.uname().release}: {reason}")
+    pytest.fail(f"the eBPF zone index should work on {os.uname().release}: {reason}")
+
+
+def kernel_version() -> tuple:
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return int(m.group(1)), int(m.group(2))

@@ -4,15 +4,14 @@ address; the index records them at PRE_ROUTING / LOCAL_OUT and cleans zones
 without a walk. Kernel truth is checked with dumps."""
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
 
 import pytest
 
+from helpers import kernel_version, require_index
 from pyconntrack import Conntrack, Filter, KernelUnsupported
-from pyconntrack import index as index_mod
 from pyconntrack.testing.topology import Topology
 
 from model import key, model_match
@@ -22,21 +21,9 @@ pytestmark = pytest.mark.kernel
 ZONES = [5, 6, 7]
 
 
-def _kernel():
-    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return int(m.group(1)), int(m.group(2))
-
-
 @pytest.fixture(scope="module")
 def index_available():
-    ok, zoned, reason = index_mod.availability()
-    if ok:
-        return zoned
-    if _kernel() < (6, 4):
-        # a real finding, not a silent skip: older kernels have no netfilter BPF
-        assert "6.4" in reason
-        pytest.skip(f"kernel {os.uname().release}: {reason}")
-    pytest.fail(f"the eBPF zone index should work on {os.uname().release}: {reason}")
+    return require_index()
 
 
 @pytest.fixture
@@ -243,9 +230,9 @@ def test_bpf_refused_gives_reason_and_rest_works(topo):
 def test_index_availability_is_reported_with_reason(ct):
     """On every kernel: the probe says whether the index can run, and why not."""
     caps = ct.capabilities()
-    if _kernel() >= (6, 4):
+    if kernel_version() >= (6, 4):
         assert caps.netfilter_bpf, caps.index_error
-        assert caps.zoned_kfuncs == (_kernel() >= (6, 11))
+        assert caps.zoned_kfuncs == (kernel_version() >= (6, 11))
     else:
         assert not caps.netfilter_bpf and "6.4" in caps.index_error
         with pytest.raises(KernelUnsupported, match="6.4"):

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import uuid
 
 import pytest
 
+from helpers import require_index
 from pyconntrack import Conntrack, ConntrackError, Filter
 from pyconntrack import index as index_mod
 from pyconntrack.testing.topology import Topology
@@ -26,20 +26,9 @@ pytestmark = pytest.mark.kernel
 CLI = [sys.executable, "-m", "pyconntrack"]
 
 
-def _kernel():
-    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return int(m.group(1)), int(m.group(2))
-
-
 @pytest.fixture(scope="module")
 def index_available():
-    ok, zoned, reason = index_mod.availability()
-    if ok:
-        return zoned
-    if _kernel() < (6, 4):
-        assert "6.4" in reason
-        pytest.skip(f"kernel {os.uname().release}: {reason}")
-    pytest.fail(f"the eBPF zone index should work on {os.uname().release}: {reason}")
+    return require_index()
 
 
 @pytest.fixture
