@@ -210,7 +210,9 @@ def test_namespace_deleted_while_attached_is_collected(index_available):
         assert out.returncode != 0, f"link {link_id} still exists"
 
 
-def test_detach_by_pin_dir_when_the_name_is_gone(index_available):
+def _index_of_gone_namespace() -> tuple:
+    """Attach the index to a namespace, then delete the namespace (as Neutron's
+    L3 agent does with a router's): (name, pin directory left behind)."""
     name = f"pct-gc-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
@@ -218,6 +220,11 @@ def test_detach_by_pin_dir_when_the_name_is_gone(index_available):
             d = ct.attach_index().pin_dir
     finally:
         subprocess.run(["ip", "netns", "del", name], check=True)
+    return name, d
+
+
+def test_detach_by_pin_dir_when_the_name_is_gone(index_available):
+    name, d = _index_of_gone_namespace()
     r = cli("index", "detach", "--netns", name)
     assert r.returncode != 0 and "not found" in r.stderr
     r = cli("index", "detach", "--pin-dir", d, "--json")
@@ -229,13 +236,7 @@ def test_agent_start_removes_the_index_of_a_gone_namespace(index_available, netn
     """A router namespace deleted while the agent was down: the manager's start
     collects its index (pins, links), so the namespace can really go."""
     from pyconntrack import ConntrackManager
-    name = f"pct-gc-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        with Conntrack(name) as ct:
-            d = ct.attach_index().pin_dir
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
+    _, d = _index_of_gone_namespace()
     assert os.path.isdir(d)
     with ConntrackManager(netns):
         assert not os.path.exists(d)
