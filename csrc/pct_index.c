@@ -248,6 +248,29 @@ static int resolve_reply_zone(struct pct_handle *h, const struct cti_record *r,
     }
 }
 
+/* Delete these records' entries with batched netlink deletes, add the
+ * outcome to res, and drop the records of entries now gone; on any failure
+ * keep them all for a retry. Returns 1 when dropped, 0 when kept, or -errno. */
+static int delete_and_drop(struct pct_handle *h, struct cti *c, unsigned int zone,
+                           const struct pct_entry *es, const unsigned long long *slots, int n,
+                           int use_zone_attr, struct pct_delete_result *res)
+{
+    struct pct_delete_result dr;
+    int rc = pct_delete_entries(h, es, n, use_zone_attr, &dr);
+
+    if (rc < 0)
+        return rc;
+    res->deleted += dr.deleted;
+    res->already_gone += dr.already_gone;
+    res->failed += dr.failed;
+    if (!res->first_errno)
+        res->first_errno = dr.first_errno;
+    if (dr.failed)
+        return 0;
+    cti_drop_records(c, zone, slots, n);
+    return 1;
+}
+
 int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filter *f,
                      const struct cti_filter *bf, int use_kfuncs, int use_zone_attr,
                      struct pct_delete_result *res, unsigned long long *unsure)
@@ -256,7 +279,6 @@ int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filte
     unsigned long long *slots = NULL;
     struct pct_entry *todo = NULL, *reply = NULL;
     unsigned long long *todo_slots = NULL, *reply_slots = NULL;
-    struct pct_delete_result dr;
     int n, i, k = 0, r = 0, rc = 0;
 
     memset(res, 0, sizeof(*res));
@@ -323,30 +345,16 @@ int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filte
         }
         todo_slots[k++] = slots[i];
     }
-    if (r) {
-        rc = pct_delete_entries(h, reply, r, use_zone_attr, &dr);
-        if (rc < 0)
-            goto out;
-        res->deleted += dr.deleted;
-        res->already_gone += dr.already_gone;
-        res->failed += dr.failed;
-        if (!res->first_errno)
-            res->first_errno = dr.first_errno;
-        if (!dr.failed)
-            cti_drop_records(c, f->zone, reply_slots, r);
-    }
+    if (r && (rc = delete_and_drop(h, c, f->zone, reply, reply_slots, r, use_zone_attr,
+                                   res)) < 0)
+        goto out;
+    rc = 0;
     if (k) {
-        rc = pct_delete_entries(h, todo, k, use_zone_attr, &dr);
+        rc = delete_and_drop(h, c, f->zone, todo, todo_slots, k, use_zone_attr, res);
         if (rc < 0)
             goto out;
-        res->deleted += dr.deleted;
-        res->already_gone += dr.already_gone;
-        res->failed += dr.failed;
-        if (!res->first_errno)
-            res->first_errno = dr.first_errno;
-        /* records of entries now gone; on failures keep them all for a retry */
-        if (!dr.failed) {
-            cti_drop_records(c, f->zone, todo_slots, k);
+        if (rc > 0) {
+            rc = 0;
             if (use_kfuncs) {   /* compact the zone: move its tail past the holes */
                 struct cti_reap_result pr;
                 cti_prune_zone(c, f->zone, 0, &pr);
