@@ -107,8 +107,13 @@ def bpffs_dir(mount: bool = False) -> str:
     """The host's bpffs. Under ``ip netns exec`` (a private mount namespace
     with a fresh /sys) it is reached through the root of the namespace we
     were started from; a bpffs of our own would be thrown away with the mount
-    namespace, so none is ever used or mounted there. ``mount``: mount one
-    (mode 0700) at /sys/fs/bpf when the host has none."""
+    namespace, so none is ever used or mounted there. A bpffs mounted at
+    /sys/fs/bpf in our own mount namespace always wins: it is what every
+    other tool here (bpftool, a container's agent, a chroot) sees; only
+    where there is none (ip netns exec's fresh /sys) do we look outside.
+    ``mount``: mount one (mode 0700) at /sys/fs/bpf when the host has none."""
+    if _fs_magic(BPFFS) == BPF_FS_MAGIC:
+        return BPFFS
     host = _host_view()
     if host is not None:
         path = host + BPFFS
@@ -118,8 +123,6 @@ def bpffs_dir(mount: bool = False) -> str:
             "the host's bpffs is not visible from this mount namespace (ip netns exec "
             "mounts a private /sys): run pyconntrack with --netns instead", errno.ENOENT,
             "bpffs")
-    if _fs_magic(BPFFS) == BPF_FS_MAGIC:
-        return BPFFS
     if not mount:
         raise PinRootRefused(f"no bpffs mounted at {BPFFS}", errno.ENOENT, "bpffs")
     # fixed argv: nothing from the caller reaches this command
