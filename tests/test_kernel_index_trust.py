@@ -8,7 +8,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -97,6 +99,63 @@ def test_api_inserts_fall_back_and_nothing_is_left(topo, host):
     assert res.strategy != "index" and "ctnetlink" in res.reason
     assert res.deleted == 140 and host.count(Filter(zone=6)) == 0
     assert host.index_audit()["missing"] == 0
+
+
+@pytest.fixture(scope="module")
+def bpf_inserter():
+    """Insert UDP entries the way an XDP/tc datapath does (bpf_xdp_ct_alloc +
+    bpf_ct_insert_entry, tools/ct_insert.bpf.c, built by make build), through
+    bpftool's test run inside a namespace: no netfilter hook sees them."""
+    obj = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", ".output",
+                       "ct_insert.bpf.o")
+    assert os.path.exists(obj), f"{obj} is missing: make build (make -C tools) makes it"
+    pin = f"/sys/fs/bpf/pct-test-ct-insert-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["bpftool", "prog", "load", obj, pin, "type", "xdp"], check=True)
+
+    def insert(ns, *, zone, zone_dir=0, sport=1000, count=8):
+        req = (socket.inet_aton("10.78.0.1") + socket.inet_aton("10.78.0.2")
+               + struct.pack("!HH", sport, 53) + struct.pack("=HBBii8x", zone, zone_dir, count, 0, 0))
+        with tempfile.TemporaryDirectory() as d:
+            src, dst = os.path.join(d, "in"), os.path.join(d, "out")
+            with open(src, "wb") as f:
+                f.write(req)
+            subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "bpftool", "prog", "run",
+                            "pinned", pin, "data_in", src, "data_out", dst, "repeat", "1"],
+                           check=True, capture_output=True)
+            with open(dst, "rb") as f:
+                inserted, error = struct.unpack("=ii", f.read()[16:24])
+        assert error == 0, os.strerror(-error)
+        return inserted
+
+    try:
+        yield insert
+    finally:
+        os.unlink(pin)
+
+
+def test_bpf_inserts_after_attach_fall_back_then_resync(topo, host, bpf_inserter):
+    """bpf_ct_insert_entry bypasses the hooks; it counts the namespace's
+    insert statistic, so the index must stop vouching, for every zone form."""
+    ns = topo.host_netns
+    host.attach_index()
+    topo.send("udp", 4, 5, 100)
+    for zone_dir, sport in ((0, 1000), (1, 2000), (2, 3000)):    # both, original, reply
+        assert bpf_inserter(ns, zone=5, zone_dir=zone_dir, sport=sport, count=8) == 8
+    assert bpf_inserter(ns, zone=6, sport=4000, count=8) == 8
+    assert len(listed(ns, 5)) == 124
+    assert host.index_status()["blind_spot"] != ""
+    r = cli("delete", "--netns", ns, "--zone", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["strategy"] != "index" and "inserted through ctnetlink or BPF" in out["reason"], out
+    assert out["deleted"] == 124
+    assert listed(ns, 5) == []
+    assert len(listed(ns, 6)) == 8                          # another zone untouched
+    # resynchronised: the index vouches again and knows zone 6's BPF entries
+    assert host.index_status()["blind_spot"] == ""
+    res = host.delete(Filter(zone=6))
+    assert res.strategy == "index" and res.deleted == 8, res.reason
+    assert listed(ns, 6) == []
 
 
 def test_entry_count_beyond_records_falls_back(topo, host):
