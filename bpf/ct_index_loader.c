@@ -8,6 +8,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <sched.h>
@@ -61,10 +62,20 @@ static const struct {
 };
 
 struct cti {
-	struct ct_index *skel;
+	struct ct_index *skel;	/* NULL when opened from the pins (cti_open) */
 	int netns_fd;
+	/* the maps and the reaper: the skeleton's, or from the pins (owned) */
+	int fd_records, fd_zones, fd_stats, fd_meta, fd_reap;
+	int own_fds;
+	long long max_records;
 	char dir[PATH_MAX - 32];
 };
+
+static const char *const cti_map_pins[] = { "cti_records", "cti_zones", "cti_stats", "cti_meta" };
+#define CTI_NMAPS 4
+/* the reaper is pinned as REAP_PIN_PREFIX<digest of this BPF object>: a pin
+ * made by another build of the object is never run against these maps */
+#define REAP_PIN_PREFIX "prog_reap_"
 
 static __thread char cti_log[4096];
 
@@ -96,7 +107,7 @@ static int cti_libbpf_print(enum libbpf_print_level lvl, const char *fmt,
 
 long long cti_max_records(struct cti *c)
 {
-	return bpf_map__max_entries(c->skel->maps.cti_records);
+	return c->max_records;
 }
 
 const char *cti_last_log(void)
@@ -157,6 +168,141 @@ int cti_check_dir(const char *dir)
 	return 0;
 }
 
+static int *map_fd_slot(struct cti *c, int i)
+{
+	int *slots[CTI_NMAPS] = { &c->fd_records, &c->fd_zones, &c->fd_stats, &c->fd_meta };
+
+	return slots[i];
+}
+
+/* FNV-1a over the embedded BPF object: names this build's reaper pin */
+static int reap_pin_path(const struct cti *c, char *buf, size_t len)
+{
+	static unsigned long long digest;
+	char name[64];
+
+	if (!digest) {
+		size_t sz = 0, i;
+		const unsigned char *p = ct_index__elf_bytes(&sz);
+		unsigned long long h = 1469598103934665603ULL;
+
+		for (i = 0; i < sz; i++)
+			h = (h ^ p[i]) * 1099511628211ULL;
+		digest = h | 1;
+	}
+	snprintf(name, sizeof(name), REAP_PIN_PREFIX "%016llx", digest);
+	return pin_path(c, name, buf, len);
+}
+
+/* Open an attached index from its pins, without loading (and verifying) the
+ * programs again: the pinned maps, and the reaper this build pinned when it
+ * loaded them. Only if the links are pinned too (the index is attached) and
+ * the pinned reaper uses exactly these maps. -ERANGE: another size was
+ * asked for; any other error: load the object instead. */
+static int open_pinned(struct cti *c, unsigned int max_records)
+{
+	struct bpf_prog_info pinfo;
+	struct bpf_map_info minfo;
+	__u32 prog_maps[8], ids[CTI_NMAPS], len;
+	char path[PATH_MAX];
+	unsigned int i, j, mask;
+	int err;
+
+	for (i = 0; i < CTI_NLINKS; i++) {
+		err = pin_path(c, cti_hooks[i].name, path, sizeof(path));
+		if (err)
+			return err;
+		if (access(path, F_OK))
+			return -ENOENT;
+	}
+	c->own_fds = 1;
+	err = reap_pin_path(c, path, sizeof(path));
+	if (err)
+		return err;
+	c->fd_reap = bpf_obj_get(path);
+	if (c->fd_reap < 0)
+		return -errno;
+	for (i = 0; i < CTI_NMAPS; i++) {
+		err = pin_path(c, cti_map_pins[i], path, sizeof(path));
+		if (err)
+			return err;
+		*map_fd_slot(c, i) = bpf_obj_get(path);
+		if (*map_fd_slot(c, i) < 0)
+			return -errno;
+		memset(&minfo, 0, sizeof(minfo));
+		len = sizeof(minfo);
+		if (bpf_obj_get_info_by_fd(*map_fd_slot(c, i), &minfo, &len))
+			return -errno;
+		ids[i] = minfo.id;
+		if (i == 0)
+			c->max_records = minfo.max_entries;
+	}
+	memset(&pinfo, 0, sizeof(pinfo));
+	pinfo.nr_map_ids = sizeof(prog_maps) / sizeof(prog_maps[0]);
+	pinfo.map_ids = (unsigned long)prog_maps;
+	len = sizeof(pinfo);
+	if (bpf_obj_get_info_by_fd(c->fd_reap, &pinfo, &len))
+		return -errno;
+	if (pinfo.type != BPF_PROG_TYPE_XDP || pinfo.nr_map_ids > sizeof(prog_maps) / sizeof(prog_maps[0]))
+		return -ESTALE;
+	/* every map it uses is ours, and it uses the records and the zones */
+	for (i = 0, mask = 0; i < pinfo.nr_map_ids; i++) {
+		for (j = 0; j < CTI_NMAPS && ids[j] != prog_maps[i]; j++)
+			;
+		if (j == CTI_NMAPS)
+			return -ESTALE;
+		mask |= 1u << j;
+	}
+	if ((mask & 3) != 3)
+		return -ESTALE;
+	if (max_records && c->max_records != max_records)
+		return -ERANGE;
+	return 0;
+}
+
+static void close_fds(struct cti *c)
+{
+	int i;
+
+	if (c->own_fds) {
+		for (i = 0; i < CTI_NMAPS; i++)
+			if (*map_fd_slot(c, i) >= 0)
+				close(*map_fd_slot(c, i));
+		if (c->fd_reap >= 0)
+			close(c->fd_reap);
+	}
+	c->own_fds = 0;
+	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_reap = -1;
+}
+
+/* Remove reaper pins of other builds (after an upgrade) and pin ours. */
+static int pin_reaper(struct cti *c)
+{
+	char path[PATH_MAX], mine[PATH_MAX];
+	struct dirent *e;
+	DIR *d;
+	int err;
+
+	err = reap_pin_path(c, mine, sizeof(mine));
+	if (err)
+		return err;
+	d = opendir(c->dir);
+	if (!d)
+		return -errno;
+	while ((e = readdir(d))) {
+		if (strncmp(e->d_name, REAP_PIN_PREFIX, strlen(REAP_PIN_PREFIX)) ||
+		    pin_path(c, e->d_name, path, sizeof(path)) || !strcmp(path, mine))
+			continue;
+		unlink(path);
+	}
+	closedir(d);
+	/* a pin under our name that open_pinned() did not accept is replaced */
+	unlink(mine);
+	if (bpf_obj_pin(c->fd_reap, mine) && errno != EEXIST)
+		return -errno;
+	return 0;
+}
+
 int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 {
 	struct bpf_map *map;
@@ -174,6 +320,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 	if (!c)
 		return -ENOMEM;
 	c->netns_fd = -1;
+	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_reap = -1;
 	strcpy(c->dir, pin_dir);
 	if (mkdir(c->dir, 0700) && errno != EEXIST) {
 		err = -errno;
@@ -182,6 +329,14 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 	err = cti_check_dir(c->dir);
 	if (err)
 		goto cleanup;
+	err = open_pinned(c, max_records);
+	if (!err || err == -ERANGE) {
+		if (err)
+			goto cleanup;
+		*out = c;
+		return 0;
+	}
+	close_fds(c);
 
 	c->skel = ct_index__open();
 	if (!c->skel) {
@@ -231,6 +386,15 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 	err = ct_index__load(c->skel);
 	if (err)
 		goto cleanup;
+	c->fd_records = bpf_map__fd(c->skel->maps.cti_records);
+	c->fd_zones = bpf_map__fd(c->skel->maps.cti_zones);
+	c->fd_stats = bpf_map__fd(c->skel->maps.cti_stats);
+	c->fd_meta = bpf_map__fd(c->skel->maps.cti_meta);
+	c->fd_reap = bpf_program__fd(c->skel->progs.cti_reap);
+	c->max_records = bpf_map__max_entries(c->skel->maps.cti_records);
+	err = pin_reaper(c);
+	if (err)
+		goto cleanup;
 	*out = c;
 	return 0;
 
@@ -243,6 +407,7 @@ void cti_close(struct cti *c)
 {
 	if (!c)
 		return;
+	close_fds(c);
 	ct_index__destroy(c->skel);
 	if (c->netns_fd >= 0)
 		close(c->netns_fd);
@@ -273,9 +438,6 @@ int cti_attach(struct cti *c, int netns_fd)
 	err = cti_set_netns(c, netns_fd);
 	if (err)
 		return err;
-	prog_fd = bpf_program__fd(c->skel->progs.cti_record);
-	if (prog_fd < 0)
-		return -EBADF;
 	for (i = 0; i < CTI_NLINKS; i++) {
 		err = pin_path(c, cti_hooks[i].name, path, sizeof(path));
 		if (err)
@@ -283,6 +445,10 @@ int cti_attach(struct cti *c, int netns_fd)
 		if (access(path, F_OK) == 0)
 			return -EEXIST;
 	}
+	/* opened from the pins of an index detached meanwhile: no program */
+	prog_fd = c->skel ? bpf_program__fd(c->skel->progs.cti_record) : -1;
+	if (prog_fd < 0)
+		return -ESTALE;
 
 	/* a netfilter link hooks the netns of the creating task */
 	err = netns_enter(c->netns_fd, &old);
@@ -340,15 +506,26 @@ int cti_detach(struct cti *c)
 
 int cti_unpin(struct cti *c)
 {
-	struct bpf_map *map;
-	int err = 0;
+	char path[PATH_MAX];
+	struct dirent *e;
+	int err = 0, i;
+	DIR *d;
 
-	bpf_object__for_each_map(map, c->skel->obj) {
-		int e = bpf_map__unpin(map, NULL);
-
-		if (e && e != -ENOENT && !err)
-			err = e;
+	for (i = 0; i < CTI_NMAPS; i++) {
+		if (pin_path(c, cti_map_pins[i], path, sizeof(path)))
+			return -ENAMETOOLONG;
+		if (unlink(path) && errno != ENOENT && !err)
+			err = -errno;
 	}
+	d = opendir(c->dir);
+	while (d && (e = readdir(d))) {
+		if (!strncmp(e->d_name, REAP_PIN_PREFIX, strlen(REAP_PIN_PREFIX)) &&
+		    !pin_path(c, e->d_name, path, sizeof(path)) && unlink(path) &&
+		    errno != ENOENT && !err)
+			err = -errno;
+	}
+	if (d)
+		closedir(d);
 	if (!err && rmdir(c->dir) && errno != ENOENT)
 		err = -errno;
 	return err;
@@ -366,7 +543,7 @@ static int run_reaper(struct cti *c, struct cti_reap_args *a)
 	);
 	int err;
 
-	err = bpf_prog_test_run_opts(bpf_program__fd(c->skel->progs.cti_reap),
+	err = bpf_prog_test_run_opts(c->fd_reap,
 				     &opts);
 	if (err)
 		return err < 0 ? err : -EIO;
@@ -495,7 +672,7 @@ long long cti_add_records(struct cti *c, unsigned int zone,
 		in.a.zone = zone;
 		in.a.budget = k;
 		memcpy(in.r, recs + done, k * sizeof(struct cti_record));
-		err = bpf_prog_test_run_opts(bpf_program__fd(c->skel->progs.cti_reap), &opts);
+		err = bpf_prog_test_run_opts(c->fd_reap, &opts);
 		if (err)
 			return err < 0 ? err : -EIO;
 		if (opts.retval != XDP_PASS || out.a.status)
@@ -517,7 +694,7 @@ int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf
 	err = cti_zone_stats(c, zone, &z);
 	if (err)
 		return err;
-	fd = bpf_map__fd(c->skel->maps.cti_records);
+	fd = c->fd_records;
 	for (slot = z.tail; slot < z.head && cnt < n; slot++) {
 		__u64 key = ((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK);
 
@@ -538,7 +715,7 @@ int cti_drop_record(struct cti *c, unsigned int zone, unsigned long long slot)
 
 	if (zone >= CTI_MAX_ZONES)
 		return -EINVAL;
-	if (bpf_map_delete_elem(bpf_map__fd(c->skel->maps.cti_records), &key) && errno != ENOENT)
+	if (bpf_map_delete_elem(c->fd_records, &key) && errno != ENOENT)
 		return -errno;
 	return 0;
 }
@@ -600,7 +777,7 @@ int cti_zone_stats(struct cti *c, unsigned int zone, struct cti_zone *out)
 
 	if (zone >= CTI_MAX_ZONES)
 		return -EINVAL;
-	if (bpf_map_lookup_elem(bpf_map__fd(c->skel->maps.cti_zones), &key, out))
+	if (bpf_map_lookup_elem(c->fd_zones, &key, out))
 		return -errno;
 	return 0;
 }
@@ -617,7 +794,7 @@ int cti_stats(struct cti *c, struct cti_stats *out)
 	v = calloc(ncpu, sizeof(*v));
 	if (!v)
 		return -ENOMEM;
-	if (bpf_map_lookup_elem(bpf_map__fd(c->skel->maps.cti_stats), &key, v)) {
+	if (bpf_map_lookup_elem(c->fd_stats, &key, v)) {
 		err = -errno;
 		goto cleanup;
 	}
@@ -667,7 +844,7 @@ int cti_meta_get(struct cti *c, struct cti_meta *out)
 {
 	__u32 key = 0;
 
-	if (bpf_map_lookup_elem(bpf_map__fd(c->skel->maps.cti_meta), &key, out))
+	if (bpf_map_lookup_elem(c->fd_meta, &key, out))
 		return -errno;
 	return 0;
 }
@@ -676,7 +853,7 @@ int cti_meta_set(struct cti *c, const struct cti_meta *in)
 {
 	__u32 key = 0;
 
-	if (bpf_map_update_elem(bpf_map__fd(c->skel->maps.cti_meta), &key, in, BPF_ANY))
+	if (bpf_map_update_elem(c->fd_meta, &key, in, BPF_ANY))
 		return -errno;
 	return 0;
 }
@@ -713,7 +890,7 @@ long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long
 		in.a.zone = zone;
 		in.a.budget = k;
 		memcpy(in.s, slots + done, k * sizeof(in.s[0]));
-		err = bpf_prog_test_run_opts(bpf_program__fd(c->skel->progs.cti_reap), &opts);
+		err = bpf_prog_test_run_opts(c->fd_reap, &opts);
 		if (err)
 			return err < 0 ? err : -EIO;
 		if (opts.retval != XDP_PASS || out.a.status)

@@ -42,6 +42,9 @@ PIN_ROOT = os.path.join(BPFFS, "pyconntrack")
 PIN_ROOT_ENV = "PYCONNTRACK_PIN_ROOT"
 LINK_PINS = ("link_ip4_pre", "link_ip4_out", "link_ip6_pre", "link_ip6_out")
 MAP_PINS = ("cti_records", "cti_zones", "cti_stats", "cti_meta")
+# the reaper program, pinned per build of the BPF object (bpf/ct_index_loader.c):
+# opening an attached index then loads and verifies nothing
+REAPER_PIN_PREFIX = "prog_reap_"
 DEFAULT_MAX_RECORDS = 262144
 MAX_ZONES = 65536
 # Measured on 6.18: a record is a 104-byte hash element served from
@@ -282,7 +285,12 @@ def _live_netns_inodes() -> set:
 def _remove_pins(d: str) -> None:
     """Unpin everything in one namespace's pin directory (links first: that
     unhooks the programs and lets the namespace go), then the directory."""
-    for name in LINK_PINS + MAP_PINS:
+    reapers = []
+    try:
+        reapers = [n for n in os.listdir(d) if n.startswith(REAPER_PIN_PREFIX)]
+    except FileNotFoundError:
+        pass
+    for name in LINK_PINS + MAP_PINS + tuple(reapers):
         try:
             os.unlink(os.path.join(d, name))
         except FileNotFoundError:

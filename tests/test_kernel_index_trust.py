@@ -127,6 +127,7 @@ def bpf_inserter():
         assert error == 0, os.strerror(-error)
         return inserted
 
+    insert.obj = obj
     try:
         yield insert
     finally:
@@ -391,6 +392,44 @@ def test_pins_are_root_only_and_made_fresh(topo, private_bpffs):
         finally:
             ct.detach_index()
     assert not os.path.exists(os.path.dirname(d))
+
+
+def _reaper_pins(d):
+    return sorted(n for n in os.listdir(d) if n.startswith(index_mod.REAPER_PIN_PREFIX))
+
+
+def test_reopening_uses_the_pinned_reaper_of_this_build_only(topo, host, bpf_inserter):
+    """An attached index is opened from its pins (no program load); a reaper
+    pinned by another build, or a foreign program under this build's name,
+    is never run: the object is loaded again and its own reaper pinned."""
+    d = host.attach_index().pin_dir
+    (mine,) = _reaper_pins(d)
+    topo.send("udp", 4, 5, 40)
+
+    def delete_in_a_new_process(n):
+        r = cli("delete", "--netns", topo.host_netns, "--zone", "5", "--json")
+        out = json.loads(r.stdout)
+        assert out["strategy"] == "index" and out["deleted"] == n, out
+
+    delete_in_a_new_process(40)
+    assert _reaper_pins(d) == [mine]
+    # a previous build's reaper: replaced by this build's
+    os.rename(os.path.join(d, mine), os.path.join(d, index_mod.REAPER_PIN_PREFIX + "1" * 16))
+    topo.send("udp", 4, 5, 30, dport=20000)
+    delete_in_a_new_process(30)
+    assert _reaper_pins(d) == [mine]
+    # a program that is not the reaper of these maps, under this build's name
+    os.unlink(os.path.join(d, mine))
+    subprocess.run(["bpftool", "prog", "load", bpf_inserter.obj, os.path.join(d, mine),
+                    "type", "xdp"], check=True)
+    foreign = subprocess.run(["bpftool", "prog", "show", "pinned", os.path.join(d, mine)],
+                             capture_output=True, text=True, check=True).stdout.split(":")[0]
+    topo.send("udp", 4, 5, 20, dport=21000)
+    delete_in_a_new_process(20)
+    ours = subprocess.run(["bpftool", "prog", "show", "pinned", os.path.join(d, mine)],
+                          capture_output=True, text=True, check=True).stdout
+    assert ours.split(":")[0] != foreign and "cti_reap" in ours, ours
+    assert listed(topo.host_netns, 5) == []
 
 
 def test_ip_netns_exec_sees_the_host_bpffs(topo, host):
