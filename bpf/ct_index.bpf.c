@@ -72,6 +72,30 @@ struct {
 	__type(value, struct cti_meta);
 } cti_meta SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CTI_EXPIRED_SECS);
+	__type(key, __u32);
+	__type(value, struct cti_expired_sec);
+} cti_expired SEC(".maps");
+
+/* count one record pruned while its expired entry waits for conntrack's gc */
+static __always_inline void count_expired(__u32 now)
+{
+	__u32 idx = now % CTI_EXPIRED_SECS;
+	struct cti_expired_sec *e = bpf_map_lookup_elem(&cti_expired, &idx);
+
+	if (!e)
+		return;
+	if (e->sec != now) {
+		/* a new second: a racing CPU may lose a count here, which only
+		 * makes the count check stricter (a fallback, never a miss) */
+		e->sec = now;
+		e->count = 0;
+	}
+	__sync_fetch_and_add(&e->count, 1);
+}
+
 static __always_inline void count_removed(__u64 n)
 {
 	__u32 zero = 0;
@@ -111,11 +135,17 @@ static __always_inline int cti_append(struct cti_zone *zm, __u32 zone,
 /* Netfilter program: record new entries                               */
 /* ------------------------------------------------------------------ */
 
+#define CTI_GONE 0
+#define CTI_ALIVE 1
+#define CTI_EXPIRED 2	/* still in the table, but timed out: no lookup finds it */
+
 /* Is the entry a hook record points at still the record's? Conntrack entries
  * come from a SLAB_TYPESAFE_BY_RCU cache: the memory stays an nf_conn (or
  * becomes unreadable), so probe reads are safe; a freed entry has use 0, a
- * reused one another tuple or zone. Expired entries not yet freed count as
- * alive (the table still counts them). Records from walks (ct 0) are kept. */
+ * reused one another tuple or zone. An entry whose timeout has passed is
+ * CTI_EXPIRED: conntrack's gc frees it when it comes by (seconds later under
+ * churn), every lookup and dump already treats it as gone. Records from
+ * walks (ct 0) are kept. */
 static __always_inline int cti_entry_alive(const struct cti_record *r)
 {
 	struct nf_conn *ct = (struct nf_conn *)r->ct;
@@ -124,12 +154,13 @@ static __always_inline int cti_entry_alive(const struct cti_record *r)
 	unsigned long status = 0;
 	struct nf_conntrack_zone z = {};
 	__u16 sp = 0, dp = 0, want_dp;
+	__u32 timeout = 0;
 	int use = 0, icmp;
 	long err = 0;
 	__u8 dir;
 
 	if (!ct)
-		return 1;
+		return CTI_ALIVE;
 	t = &ct->tuplehash[0].tuple;
 	err |= bpf_core_read(&use, sizeof(use), &ct->ct_general.use.refs.counter);
 	err |= bpf_core_read(&status, sizeof(status), &ct->status);
@@ -150,8 +181,13 @@ static __always_inline int cti_entry_alive(const struct cti_record *r)
 	diff |= (a[0] ^ r->daddr[0]) | (a[1] ^ r->daddr[1]) | (a[2] ^ r->daddr[2]) |
 		(a[3] ^ r->daddr[3]);
 	if (err)
-		return 0;   /* unreadable: the slab page is gone, so is the entry */
-	return use > 0 && (status & IPS_CONFIRMED) && !diff;
+		return CTI_GONE;   /* unreadable: the slab page is gone, so is the entry */
+	if (!(use > 0 && (status & IPS_CONFIRMED) && !diff))
+		return CTI_GONE;
+	/* nf_ct_is_expired(): ct->timeout is in jiffies, 32 bits */
+	if (bpf_core_read(&timeout, sizeof(timeout), &ct->timeout))
+		return CTI_ALIVE;
+	return (__s32)(timeout - (__u32)bpf_jiffies64()) <= 0 ? CTI_EXPIRED : CTI_ALIVE;
 }
 
 /* Amortised pruning: with each record stored, look at the zone's oldest
@@ -168,6 +204,7 @@ static __always_inline void cti_prune_tail(struct cti_zone *zm, __u32 zone,
 	for (i = 0; i < CTI_PRUNE_PER_APPEND; i++) {
 		struct cti_record r, *rp;
 		__u64 t, key, nslot, nkey;
+		int alive;
 
 		t = zm->tail;
 		if (zm->busy || zm->head - t <= CTI_PRUNE_MIN_WINDOW)
@@ -177,13 +214,16 @@ static __always_inline void cti_prune_tail(struct cti_zone *zm, __u32 zone,
 		if (!rp)
 			return;   /* a hole or an insert in flight: leave it to a pass */
 		r = *rp;
-		if (!cti_entry_alive(&r)) {
+		alive = cti_entry_alive(&r);
+		if (alive != CTI_ALIVE) {
 			if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t)
 				return;
 			if (!bpf_map_delete_elem(&cti_records, &key)) {
 				__sync_fetch_and_add(&zm->removed, 1);
 				__sync_fetch_and_add(&zm->pruned, 1);
 				st->removed++;
+				if (alive == CTI_EXPIRED)
+					count_expired(now);
 			}
 			continue;
 		}

@@ -162,6 +162,18 @@ struct cti_reap_args {
 	                                   run another pass */
 	unsigned int pad2;
 };
+/* Records the hook pruned because their entry had expired (its timeout
+ * passed) while the entry was still in the table, waiting for conntrack's
+ * garbage collector: one counter per second, CTI_EXPIRED_SECS seconds kept
+ * (an array map indexed by second % CTI_EXPIRED_SECS). Those entries are
+ * still counted by the table (nf_conntrack_count) though no dump shows them
+ * and no lookup finds them: the count check allows for them. */
+#define CTI_EXPIRED_SECS 64
+struct cti_expired_sec {
+	unsigned long long sec;   /* bpf_ktime seconds this counter belongs to */
+	unsigned long long count; /* expired records pruned in that second */
+};
+
 /* The hook prunes a zone's tail only beyond this many slots. */
 #define CTI_PRUNE_MIN_WINDOW 64
 /* Tail slots the hook examines per record it stores. */

@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/bpf.h>
 #include <bpf/bpf.h>
@@ -65,14 +66,15 @@ struct cti {
 	struct ct_index *skel;	/* NULL when opened from the pins (cti_open) */
 	int netns_fd;
 	/* the maps and the reaper: the skeleton's, or from the pins (owned) */
-	int fd_records, fd_zones, fd_stats, fd_meta, fd_reap;
+	int fd_records, fd_zones, fd_stats, fd_meta, fd_expired, fd_reap;
 	int own_fds;
 	long long max_records;
 	char dir[PATH_MAX - 32];
 };
 
-static const char *const cti_map_pins[] = { "cti_records", "cti_zones", "cti_stats", "cti_meta" };
-#define CTI_NMAPS 4
+static const char *const cti_map_pins[] = { "cti_records", "cti_zones", "cti_stats", "cti_meta",
+					     "cti_expired" };
+#define CTI_NMAPS 5
 /* the reaper is pinned as REAP_PIN_PREFIX<digest of this BPF object>: a pin
  * made by another build of the object is never run against these maps */
 #define REAP_PIN_PREFIX "prog_reap_"
@@ -170,7 +172,8 @@ int cti_check_dir(const char *dir)
 
 static int *map_fd_slot(struct cti *c, int i)
 {
-	int *slots[CTI_NMAPS] = { &c->fd_records, &c->fd_zones, &c->fd_stats, &c->fd_meta };
+	int *slots[CTI_NMAPS] = { &c->fd_records, &c->fd_zones, &c->fd_stats, &c->fd_meta,
+				  &c->fd_expired };
 
 	return slots[i];
 }
@@ -272,7 +275,7 @@ static void close_fds(struct cti *c)
 			close(c->fd_reap);
 	}
 	c->own_fds = 0;
-	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_reap = -1;
+	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = c->fd_reap = -1;
 }
 
 /* Remove reaper pins of other builds (after an upgrade) and pin ours. */
@@ -320,7 +323,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 	if (!c)
 		return -ENOMEM;
 	c->netns_fd = -1;
-	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_reap = -1;
+	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = c->fd_reap = -1;
 	strcpy(c->dir, pin_dir);
 	if (mkdir(c->dir, 0700) && errno != EEXIST) {
 		err = -errno;
@@ -390,6 +393,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 	c->fd_zones = bpf_map__fd(c->skel->maps.cti_zones);
 	c->fd_stats = bpf_map__fd(c->skel->maps.cti_stats);
 	c->fd_meta = bpf_map__fd(c->skel->maps.cti_meta);
+	c->fd_expired = bpf_map__fd(c->skel->maps.cti_expired);
 	c->fd_reap = bpf_program__fd(c->skel->progs.cti_reap);
 	c->max_records = bpf_map__max_entries(c->skel->maps.cti_records);
 	err = pin_reaper(c);
@@ -900,4 +904,23 @@ long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long
 	/* one reaper per zone: nothing else removes this zone's records meanwhile */
 	err = cti_zone_stats(c, zone, &after);
 	return err ? err : (long long)(after.removed - before.removed);
+}
+
+long long cti_expired_recent(struct cti *c)
+{
+	struct cti_expired_sec e;
+	struct timespec ts;
+	long long sum = 0;
+	__u32 i;
+
+	/* the hook's clock: bpf_ktime_get_ns() is CLOCK_MONOTONIC */
+	if (clock_gettime(CLOCK_MONOTONIC, &ts))
+		return -errno;
+	for (i = 0; i < CTI_EXPIRED_SECS; i++) {
+		if (bpf_map_lookup_elem(c->fd_expired, &i, &e))
+			return -errno;
+		if (e.sec + CTI_EXPIRED_SECS > (unsigned long long)ts.tv_sec)
+			sum += (long long)e.count;
+	}
+	return sum;
 }

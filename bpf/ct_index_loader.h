@@ -103,6 +103,9 @@ int cti_meta_set(struct cti *c, const struct cti_meta *in);
  * many existed. */
 long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long long *slots,
 			   unsigned int n);
+/* Records the hook pruned in the last CTI_EXPIRED_SECS seconds because their
+ * entry had expired while still in the table (waiting for conntrack's gc). */
+long long cti_expired_recent(struct cti *c);
 
 /* ---- CFFI-CDEF-END ---- */
 

@@ -362,6 +362,9 @@ class IndexHandle(_Owned):
     def max_records(self) -> int:
         return check(lib.cti_max_records(self.raw), "cti_max_records")
 
+    def expired_recent(self) -> int:
+        return check(lib.cti_expired_recent(self.raw), "cti_expired_recent")
+
     def clear_dirty(self, zone: int, expected: int) -> int:
         return check(lib.cti_clear_dirty(self.raw, zone, expected), "cti_clear_dirty")
 
