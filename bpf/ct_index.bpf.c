@@ -135,6 +135,38 @@ static __always_inline int cti_append(struct cti_zone *zm, __u32 zone,
 /* Netfilter program: record new entries                               */
 /* ------------------------------------------------------------------ */
 
+/* The original tuple in one probe read where the kernel's struct
+ * nf_conntrack_tuple has this object's layout (it has not changed in years;
+ * CO-RE checks it at load time), else field by field. Each probe read is a
+ * helper call (~40 ns): the hook runs on every new connection. */
+static __always_inline long read_tuple(const struct nf_conntrack_tuple *t,
+				       struct nf_conntrack_tuple *out)
+{
+	long err = 0;
+
+	if (bpf_core_type_size(struct nf_conntrack_tuple) == sizeof(*out) &&
+	    bpf_core_field_offset(struct nf_conntrack_tuple, src.u3) ==
+		    __builtin_offsetof(struct nf_conntrack_tuple, src.u3) &&
+	    bpf_core_field_offset(struct nf_conntrack_tuple, src.u) ==
+		    __builtin_offsetof(struct nf_conntrack_tuple, src.u) &&
+	    bpf_core_field_offset(struct nf_conntrack_tuple, src.l3num) ==
+		    __builtin_offsetof(struct nf_conntrack_tuple, src.l3num) &&
+	    bpf_core_field_offset(struct nf_conntrack_tuple, dst.u3) ==
+		    __builtin_offsetof(struct nf_conntrack_tuple, dst.u3) &&
+	    bpf_core_field_offset(struct nf_conntrack_tuple, dst.u) ==
+		    __builtin_offsetof(struct nf_conntrack_tuple, dst.u) &&
+	    bpf_core_field_offset(struct nf_conntrack_tuple, dst.protonum) ==
+		    __builtin_offsetof(struct nf_conntrack_tuple, dst.protonum))
+		return bpf_probe_read_kernel(out, sizeof(*out), t);
+	err |= bpf_core_read(&out->src.u3, sizeof(out->src.u3), &t->src.u3);
+	err |= bpf_core_read(&out->src.u.all, sizeof(out->src.u.all), &t->src.u.all);
+	err |= bpf_core_read(&out->src.l3num, sizeof(out->src.l3num), &t->src.l3num);
+	err |= bpf_core_read(&out->dst.u3, sizeof(out->dst.u3), &t->dst.u3);
+	err |= bpf_core_read(&out->dst.u.all, sizeof(out->dst.u.all), &t->dst.u.all);
+	err |= bpf_core_read(&out->dst.protonum, sizeof(out->dst.protonum), &t->dst.protonum);
+	return err;
+}
+
 #define CTI_GONE 0
 #define CTI_ALIVE 1
 #define CTI_EXPIRED 2	/* still in the table, but timed out: no lookup finds it */
@@ -149,39 +181,38 @@ static __always_inline int cti_append(struct cti_zone *zm, __u32 zone,
 static __always_inline int cti_entry_alive(const struct cti_record *r)
 {
 	struct nf_conn *ct = (struct nf_conn *)r->ct;
-	const struct nf_conntrack_tuple *t;
-	unsigned int a[4] = {}, diff;
+	struct nf_conntrack_tuple t = {};
+	const unsigned int *a;
 	unsigned long status = 0;
 	struct nf_conntrack_zone z = {};
-	__u16 sp = 0, dp = 0, want_dp;
-	__u32 timeout = 0;
+	__u16 want_dp;
+	__u32 timeout = 0, diff;
 	int use = 0, icmp;
 	long err = 0;
 	__u8 dir;
 
 	if (!ct)
 		return CTI_ALIVE;
-	t = &ct->tuplehash[0].tuple;
 	err |= bpf_core_read(&use, sizeof(use), &ct->ct_general.use.refs.counter);
 	err |= bpf_core_read(&status, sizeof(status), &ct->status);
 	if (bpf_core_field_exists(ct->zone))
 		bpf_core_read(&z, sizeof(z), &ct->zone);
-	err |= bpf_core_read(&sp, sizeof(sp), &t->src.u.all);
-	err |= bpf_core_read(&dp, sizeof(dp), &t->dst.u.all);
+	err |= read_tuple(&ct->tuplehash[0].tuple, &t);
+	if (err)
+		return CTI_GONE;   /* unreadable: the slab page is gone, so is the entry */
 	dir = z.dir & CTI_ZONE_DIR_BOTH;
 	dir |= (!dir) * CTI_ZONE_DIR_BOTH;
 	/* ICMP: the tuple's dst.u holds type and code, the record has dport 0 */
 	icmp = (r->proto == IPPROTO_ICMP) | (r->proto == IPPROTO_ICMPV6);
 	want_dp = icmp ? (__u16)(r->icmp_type | (r->icmp_code << 8)) : r->dport;
-	diff = (z.id ^ r->zone) | (dir ^ r->zone_dir) | (sp ^ r->sport) | (dp ^ want_dp);
-	err |= bpf_core_read(a, sizeof(a), &t->src.u3);
+	diff = (z.id ^ r->zone) | (dir ^ r->zone_dir) | (t.src.u.all ^ r->sport) |
+	       (t.dst.u.all ^ want_dp);
+	a = (const unsigned int *)&t.src.u3;
 	diff |= (a[0] ^ r->saddr[0]) | (a[1] ^ r->saddr[1]) | (a[2] ^ r->saddr[2]) |
 		(a[3] ^ r->saddr[3]);
-	err |= bpf_core_read(a, sizeof(a), &t->dst.u3);
+	a = (const unsigned int *)&t.dst.u3;
 	diff |= (a[0] ^ r->daddr[0]) | (a[1] ^ r->daddr[1]) | (a[2] ^ r->daddr[2]) |
 		(a[3] ^ r->daddr[3]);
-	if (err)
-		return CTI_GONE;   /* unreadable: the slab page is gone, so is the entry */
 	if (!(use > 0 && (status & IPS_CONFIRMED) && !diff))
 		return CTI_GONE;
 	/* nf_ct_is_expired(): ct->timeout is in jiffies, 32 bits */
@@ -253,7 +284,7 @@ static __always_inline void cti_prune_tail(struct cti_zone *zm, __u32 zone,
 SEC("netfilter")
 int cti_record(struct bpf_nf_ctx *ctx)
 {
-	const struct nf_conntrack_tuple *t;
+	struct nf_conntrack_tuple t = {};
 	struct cti_record rec = {};
 	struct cti_stats *st;
 	struct cti_zone *zm;
@@ -262,7 +293,6 @@ int cti_record(struct bpf_nf_ctx *ctx)
 	__u32 zero = 0, zone = 0;
 	__u16 l3num = 0;
 	__u8 zdir = 0;
-	int err;
 
 	st = bpf_map_lookup_elem(&cti_stats, &zero);
 	if (!st)
@@ -288,35 +318,34 @@ int cti_record(struct bpf_nf_ctx *ctx)
 	}
 
 	if (bpf_core_field_exists(ct->zone)) {
-		__u16 zid = 0;
+		struct nf_conntrack_zone z = {};
 
-		bpf_core_read(&zid, sizeof(zid), &ct->zone.id);
-		bpf_core_read(&zdir, sizeof(zdir), &ct->zone.dir);
-		zone = zid;
+		bpf_core_read(&z, sizeof(z), &ct->zone);
+		zone = z.id;
+		zdir = z.dir;
 	}
 	if (!(zdir & CTI_ZONE_DIR_BOTH))
 		zdir = CTI_ZONE_DIR_BOTH;
 
-	t = &ct->tuplehash[0].tuple;
-	err = bpf_core_read(&l3num, sizeof(l3num), &t->src.l3num);
-	err |= bpf_core_read(&rec.proto, sizeof(rec.proto), &t->dst.protonum);
-	err |= bpf_core_read(&rec.saddr, sizeof(rec.saddr), &t->src.u3);
-	err |= bpf_core_read(&rec.daddr, sizeof(rec.daddr), &t->dst.u3);
-	err |= bpf_core_read(&rec.sport, sizeof(rec.sport), &t->src.u.all);
-	if (err) {
+	if (read_tuple(&ct->tuplehash[0].tuple, &t)) {
 		st->read_err++;
 		return NF_ACCEPT;
 	}
+	l3num = t.src.l3num;
+	rec.proto = t.dst.protonum;
+	__builtin_memcpy(rec.saddr, &t.src.u3, sizeof(rec.saddr));
+	__builtin_memcpy(rec.daddr, &t.dst.u3, sizeof(rec.daddr));
+	rec.sport = t.src.u.all;
 	if (rec.proto == IPPROTO_ICMP || rec.proto == IPPROTO_ICMPV6) {
-		bpf_core_read(&rec.icmp_type, 1, &t->dst.u.icmp.type);
-		bpf_core_read(&rec.icmp_code, 1, &t->dst.u.icmp.code);
+		rec.icmp_type = t.dst.u.icmp.type;
+		rec.icmp_code = t.dst.u.icmp.code;
 	} else {
-		bpf_core_read(&rec.dport, sizeof(rec.dport), &t->dst.u.all);
+		rec.dport = t.dst.u.all;
 	}
 	rec.family = l3num;
 	rec.zone = zone;
 	rec.zone_dir = zdir;
-	rec.hook = BPF_CORE_READ(ctx, state, hook);
+	rec.hook = ctx->state->hook;	/* a trusted pointer: a plain load */
 	rec.ts_sec = bpf_ktime_get_ns() / 1000000000ULL;
 	rec.ct = (unsigned long long)ct;
 
