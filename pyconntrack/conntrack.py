@@ -623,6 +623,21 @@ class Conntrack:
                 raise KernelUnsupported("no eBPF zone index attached to this namespace")
             return ix.audit(self._h(), max_missing)
 
+    def index_resync(self, force: bool = False) -> int:
+        """One walk: record every live entry the index lacks and take the
+        namespace's insert statistic as the new baseline, so the index vouches
+        again after entries were made through ctnetlink or BPF (a delete that
+        falls back for that reason does the same). Without ``force``, nothing
+        is done while the index vouches. Returns records lost."""
+        _check_bool("force", force)
+        with self._lock:
+            ix = self._index()
+            if ix is None:
+                raise KernelUnsupported("no eBPF zone index attached to this namespace")
+            if not force and not ix.blind_spot(self._h()):
+                return 0
+            return ix.resync_all(self._h())
+
     # -- creating (tests, demo, benchmarks) ------------------------------------------
     def create_many(self, count: int, *, zone: int = 0, family: str = "ipv4",
                     proto: str | int = "udp", src: Optional[str] = None,

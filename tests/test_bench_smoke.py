@@ -207,3 +207,38 @@ def test_startup_targets_from_a_result():
     assert "×0.40 raw_flush" in md and "×2.00 raw_dump" in md
     del result["startup"]
     assert [t["id"] for t in bench.evaluate_targets(result)] == ["P1", "P2", "P3", "P4", "P5", "P6"]
+
+
+def test_index_figures_are_judged_against_their_targets():
+    from pyconntrack.bench import index_bench
+    result = {"churn": {"index_share": 7 / 8, "zones": 8, "entries_left": 0},
+              "setup_rate": {"ratio": 0.96, "established_ratio": 0.985},
+              "attach": {"entries": 1_000_000, "attach_s": 1.2, "walk_s": 0.9}}
+    verdicts = {t["id"]: t["met"] for t in index_bench.evaluate(result)}
+    assert verdicts == {"I1": "NOT met", "I2": "met", "I3": "NOT met", "I4": "met"}
+    result["churn"]["index_share"] = 1.0
+    result["churn"]["entries_left"] = 3            # served, but something was left
+    result["attach"]["entries"] = 20_000           # quick: not a 1M figure
+    verdicts = {t["id"]: t["met"] for t in index_bench.evaluate(result)}
+    assert verdicts["I1"] == "NOT met" and verdicts["I4"] == "not measured at 1M"
+    assert "| I2 |" in index_bench.markdown(result)
+
+
+@pytest.mark.kernel
+def test_index_figures_quick(tmp_path):
+    """bench --index --quick: churn share, setup and established-packet
+    ratios, attach time, each with its target verdict; nothing left."""
+    from pyconntrack import index as index_mod
+    ok, _, reason = index_mod.availability()
+    if not ok:
+        pytest.skip(reason)
+    p = subprocess.run([sys.executable, "-m", "pyconntrack", "bench", "--index", "--quick",
+                        "--json", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert out["churn"]["entries_left"] == 0
+    assert 0 < out["setup_rate"]["ratio"] and 0 < out["setup_rate"]["established_ratio"]
+    assert out["attach"]["attach_s"] > 0
+    assert [t["id"] for t in out["targets"]] == ["I1", "I2", "I3", "I4"]
+    assert (tmp_path / "index.md").read_text().count("| I") == 4

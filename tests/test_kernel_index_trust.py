@@ -91,6 +91,19 @@ def test_ctnetlink_inserts_after_attach_fall_back_then_resync(topo, host):
     assert listed(topo.host_netns, 5) == []
 
 
+def test_index_resync_makes_the_index_vouch_again_after_own_inserts(topo, host):
+    host.attach_index()
+    topo.send("udp", 4, 5, 50)
+    assert host.index_resync() == 0                    # vouches: nothing to do
+    host.create_many(30, zone=6, proto="udp", src="10.66.0.1")     # through ctnetlink
+    assert "ctnetlink" in host.index_status()["blind_spot"]
+    assert host.index_resync() == 0                    # one walk, nothing lost
+    assert host.index_status()["blind_spot"] == ""
+    res = host.delete(Filter(zone=6))
+    assert res.strategy == "index" and res.deleted == 30, res.reason
+    assert listed(topo.host_netns, 6) == []
+
+
 def test_api_inserts_fall_back_and_nothing_is_left(topo, host):
     host.attach_index()
     topo.send("tcp", 6, 6, 100)

@@ -111,6 +111,17 @@ def test_addresses_cycle_after_ports(topo, host):
     assert host.count(Filter(zone=6, proto="tcp", sport="20000-20999", dport=443)) == 1500
 
 
+def test_reuse_sends_the_same_tuples_again(topo, host):
+    """--reuse: more packets than tuples; the extra ones belong to
+    established flows (no new entries), without it flowgen refuses."""
+    (a1,) = topo.zone_addresses(5, 4, 1)
+    r = topo.send("udp", 4, 5, 5000, ports=10, dport=4000, addresses=[a1], reuse=True)
+    assert r["sent"] == 5000
+    assert host.count(Filter(zone=5)) == 10
+    with pytest.raises(TopologyError, match="distinct tuples"):
+        topo.send("udp", 4, 5, 5000, ports=10, dport=4000, addresses=[a1])
+
+
 def test_threads_and_rate_exact(topo, host):
     assert topo.send("udp", 6, 5, 3001, threads=2)["sent"] == 3001
     assert topo.send("icmp", 4, 6, 501, threads=3, rate=100000)["sent"] == 501

@@ -22,7 +22,9 @@
  *   icmp  raw ICMP / ICMPv6 socket, echo requests, the echo id varies:
  *         (--sport-base + j) mod 65536 (default base 1). ICMPv4 checksum
  *         computed here, ICMPv6 by the kernel.
- * --ports K defaults to min(60000, 65536 - base).
+ * --ports K defaults to min(60000, 65536 - base). --reuse lets N exceed K x ndst:
+ * flow indexes wrap around, so packets after the first K x ndst belong to
+ * established flows (the same tuples again).
  *
  * Sends in batches of --batch (default 256, at most 1024) with sendmmsg, as
  * fast as possible or paced at --rate packets/s (in total); stops after N
@@ -91,6 +93,7 @@ static struct {
 	long ndst, flows, sport_base, dport, ports, batch, base;
 	double rate, t0, deadline;
 	int nthreads;
+	int reuse;                      /* --reuse: flow indexes wrap around the tuples */
 } cfg;
 
 struct worker {
@@ -125,7 +128,7 @@ static void __attribute__((noreturn, format(printf, 1, 2))) die(const char *fmt,
 static const char usage[] =
 	"usage: flowgen --proto tcp|udp|icmp --family 4|6 --dst ADDR[,ADDR...] --flows N\n"
 	"               [--src ADDR] [--rate R] [--duration S] [--sport-base P] [--dport P]\n"
-	"               [--ports K] [--batch B] [--threads T]";
+	"               [--ports K] [--batch B] [--threads T] [--reuse]";
 
 static long parse_long(const char *opt, const char *s, long lo, long hi)
 {
@@ -445,6 +448,7 @@ int main(int argc, char **argv)
 		{"ports", required_argument, 0, 'K'},
 		{"batch", required_argument, 0, 'b'},
 		{"threads", required_argument, 0, 'T'},
+		{"reuse", no_argument, 0, 'U'},
 		{"help", no_argument, 0, 'h'},
 		{0, 0, 0, 0},
 	};
@@ -474,6 +478,7 @@ int main(int argc, char **argv)
 		case 'K': cfg.ports = parse_long("ports", optarg, 1, 65536); break;
 		case 'b': cfg.batch = parse_long("batch", optarg, 1, MAX_BATCH); break;
 		case 'T': cfg.nthreads = (int)parse_long("threads", optarg, 1, MAX_THREADS); break;
+		case 'U': cfg.reuse = 1; break;
 		case 'h': puts(usage); return 0;
 		default:
 			die("unknown or incomplete option '%s' (--help for usage)", argv[optind - 1]);
@@ -521,7 +526,7 @@ int main(int argc, char **argv)
 	if (cfg.proto != P_ICMP && cfg.base + cfg.ports - 1 > 65535)
 		die("%s %ld + --ports %ld exceeds port 65535",
 		    cfg.proto == P_UDP ? "--dport" : "--sport-base", cfg.base, cfg.ports);
-	if ((double)cfg.flows > (double)cfg.ports * (double)cfg.ndst)
+	if (!cfg.reuse && (double)cfg.flows > (double)cfg.ports * (double)cfg.ndst)
 		die("--flows %ld exceeds the %ld distinct tuples (--ports %ld x %ld addresses): "
 		    "give more --dst addresses", cfg.flows, cfg.ports * cfg.ndst, cfg.ports, cfg.ndst);
 

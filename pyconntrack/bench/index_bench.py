@@ -76,9 +76,11 @@ def churn_share(seconds: float = 30.0, rate: int = 50_000, zones: int = 8,
 
 def setup_rate(flows: int = 100_000, rounds: int = 5) -> dict:
     """New flows per second through the host namespace with and without the
-    index (alternating; the hook runs only while attached)."""
-    with_ix, without = [], []
+    index (alternating; the hook runs only while attached), and packets per
+    second of established flows (64 flows, each seen again and again)."""
+    with_ix, without, est_ix, est_without = [], [], [], []
     with Topology(zones=[5]) as t:
+        one = t.zone_addresses(5, 4, 1)
         with Conntrack(t.host_netns) as ct:
             try:
                 for i in range(rounds * 2):
@@ -87,14 +89,20 @@ def setup_rate(flows: int = 100_000, rounds: int = 5) -> dict:
                         ct.attach_index()
                     r = t.send("udp", 4, 5, flows, dport=1024 + (i % 40) * 1000)
                     (with_ix if attached else without).append(r["sent"] / r["seconds"])
+                    r = t.send("udp", 4, 5, flows, dport=50000 + i * 64, ports=64, addresses=one,
+                               reuse=True)
+                    (est_ix if attached else est_without).append(r["sent"] / r["seconds"])
                     if attached:
                         ct.detach_index()
                     ct.delete(Filter(zone=5), strategy="walk")
             finally:
                 ct.detach_index()
     a, b = statistics.median(with_ix), statistics.median(without)
+    ea, eb = statistics.median(est_ix), statistics.median(est_without)
     return {"flows": flows, "rounds": rounds, "with_index_per_s": round(a),
-            "without_per_s": round(b), "ratio": round(a / b, 3)}
+            "without_per_s": round(b), "ratio": round(a / b, 3),
+            "established_with_index_pps": round(ea), "established_without_pps": round(eb),
+            "established_ratio": round(ea / eb, 3)}
 
 
 def attach_time(entries: int = 1_000_000, rounds: int = 3) -> dict:
@@ -127,3 +135,42 @@ def run_all(quick: bool = False) -> dict:
                 "setup_rate": setup_rate(flows=20_000, rounds=2),
                 "attach": attach_time(entries=20_000, rounds=2)}
     return {"churn": churn_share(), "setup_rate": setup_rate(), "attach": attach_time()}
+
+
+# issue targets, each against its baseline in the same run
+TARGETS = (
+    ("I1", "index share of zone cleanups after 30 s of 50k new flows/s (default size)", ">= 0.95, nothing left"),
+    ("I2", "new-flow rate with the index / without", ">= 0.95"),
+    ("I3", "established-flow packet rate with the index / without", ">= 0.99"),
+    ("I4", "attach at 1M entries", "<= 1.5 s"),
+)
+
+
+def evaluate(result: dict) -> list:
+    out = []
+    c, s, a = result.get("churn"), result.get("setup_rate"), result.get("attach")
+    full = a is not None and a.get("entries", 0) >= 1_000_000
+    for tid, what, target in TARGETS:
+        if tid == "I1" and c:
+            value = f"{c['index_share']:.2f} ({round(c['index_share'] * c['zones'])}/{c['zones']}), " \
+                    f"{c['entries_left']} left"
+            met = c["index_share"] >= 0.95 and c["entries_left"] == 0
+        elif tid == "I2" and s:
+            value, met = f"{s['ratio']:.3f}", s["ratio"] >= 0.95
+        elif tid == "I3" and s and "established_ratio" in s:
+            value, met = f"{s['established_ratio']:.3f}", s["established_ratio"] >= 0.99
+        elif tid == "I4" and a:
+            value = f"{a['attach_s']:.2f} s at {a['entries']:,} (plain walk {a['walk_s']:.2f} s)"
+            met = a["attach_s"] <= 1.5 if full else None
+        else:
+            continue
+        out.append({"id": tid, "what": what, "target": target, "value": value,
+                    "met": "met" if met else ("not measured at 1M" if met is None else "NOT met")})
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["| | figure | target | this run | |", "|---|---|---|---|---|"]
+    for t in evaluate(result):
+        lines.append(f"| {t['id']} | {t['what']} | {t['target']} | {t['value']} | {t['met']} |")
+    return "\n".join(lines) + "\n"

@@ -309,8 +309,11 @@ class Topology:
                      sport_base: Optional[int] = None, dport: Optional[int] = None,
                      batch: Optional[int] = None, ports: Optional[int] = None,
                      threads: Optional[int] = None, src: Optional[str] = None,
-                     addresses: Optional[Sequence[str]] = None) -> List[str]:
-        """The flowgen argument list ``send`` would run (without the netns part)."""
+                     addresses: Optional[Sequence[str]] = None,
+                     reuse: bool = False) -> List[str]:
+        """The flowgen argument list ``send`` would run (without the netns part).
+        ``reuse``: flows may exceed ports x addresses; the tuples are sent again
+        (packets of established flows)."""
         if proto not in PROTOS:
             raise ValueError(f"proto must be one of {', '.join(PROTOS)}, not {proto!r}")
         fam = _family(family)
@@ -332,6 +335,8 @@ class Topology:
                          ("--src", src)):
             if val is not None:
                 argv += [opt, str(val)]
+        if reuse:
+            argv.append("--reuse")
         return argv
 
     def _flowgen_in(self, ns: str, argv: List[str], timeout: Optional[float]) -> dict:
@@ -358,7 +363,7 @@ class Topology:
         JSON {"sent", "seconds", "rate", "errors"} (+ "stderr" if any). The
         source is the client's veth address unless ``src`` says otherwise.
         Keywords: rate, duration, sport_base, dport, batch, ports, threads, src,
-        addresses (see ``flowgen_argv``)."""
+        addresses, reuse (see ``flowgen_argv``)."""
         kw.setdefault("src", self.link_address("client", family))
         return self._flowgen_in(self._client, self.flowgen_argv(proto, family, zone, flows, **kw),
                                 timeout)
