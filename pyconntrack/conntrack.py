@@ -329,8 +329,11 @@ class Conntrack:
         state = self._index_state(f) if not dry_run else IndexState()
         plan = plan_delete(f, self.capabilities(), strategy, state)
         result = self._execute(plan, [f], dry_run)
-        if state.attached and (state.dirty or state.blind) and plan.strategy != "index" \
-                and not dry_run:
+        # auto fell back because the index could not vouch: resynchronise it
+        # (one walk) so the next delete can use it. A strategy the caller
+        # forced says nothing about the index: no walk is added behind it.
+        if strategy == "auto" and state.attached and (state.dirty or state.blind) \
+                and plan.strategy != "index" and not dry_run:
             self._resync(f.zone, plan, state)
         return result
 
