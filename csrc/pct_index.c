@@ -4,6 +4,7 @@
  * for the rest or where the kernel lacks zoned kfuncs), and auditing it. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -122,36 +123,119 @@ static int dump_next_zoned(struct pct_handle *h, const struct pct_filter *f,
     return n;
 }
 
+/* Seeding is a dump (the kernel formats every entry: most of the time) and
+ * record inserts (XDP test runs): a second thread inserts one batch while the
+ * dump fills the next, so attach costs about the dump alone. */
+#define SEED_BUFFERS 4
+
+struct seed_pipe {
+    struct cti *c;
+    struct cti_record *recs[SEED_BUFFERS];
+    int count[SEED_BUFFERS];       /* records in a full buffer, 0: free */
+    unsigned int filled, drained;  /* buffers handed over / inserted */
+    int done, err;
+    long long lost;
+    pthread_mutex_t lock;
+    pthread_cond_t more, room;
+};
+
+static void *seed_inserter(void *arg)
+{
+    struct seed_pipe *p = arg;
+
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        unsigned int b = p->drained % SEED_BUFFERS;
+        int n, rc;
+        long long lost = 0;
+
+        while (p->drained == p->filled && !p->done)
+            pthread_cond_wait(&p->more, &p->lock);
+        if (p->drained == p->filled)
+            break;
+        n = p->count[b];
+        pthread_mutex_unlock(&p->lock);
+        rc = p->err ? 0 : add_sorted(p->c, p->recs[b], n, &lost);
+        pthread_mutex_lock(&p->lock);
+        if (rc < 0 && !p->err)
+            p->err = rc;
+        p->lost += lost;
+        p->count[b] = 0;
+        p->drained++;
+        pthread_cond_signal(&p->room);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
 long long pct_index_seed(struct pct_handle *h, struct cti *c, const struct pct_filter *f,
                          unsigned int kflags, long long *lost)
 {
+    struct seed_pipe p;
     struct pct_entry *entries;
-    struct cti_record *recs;
     unsigned char dirs[SEED_BATCH];
+    pthread_t tid;
     long long seen = 0;
-    int rc, n = 0, i;
+    int rc = 0, n = 0, i, b, started = 0;
 
     *lost = 0;
+    memset(&p, 0, sizeof(p));
+    p.c = c;
     entries = malloc(SEED_BATCH * sizeof(*entries));
-    recs = malloc(SEED_BATCH * sizeof(*recs));
-    if (!entries || !recs) {
-        free(entries);
-        free(recs);
-        return -ENOMEM;
+    for (b = 0; b < SEED_BUFFERS; b++)
+        p.recs[b] = malloc(SEED_BATCH * sizeof(struct cti_record));
+    for (b = 0; b < SEED_BUFFERS; b++)
+        if (!p.recs[b])
+            rc = -ENOMEM;
+    if (!entries)
+        rc = -ENOMEM;
+    if (!rc) {
+        pthread_mutex_init(&p.lock, NULL);
+        pthread_cond_init(&p.more, NULL);
+        pthread_cond_init(&p.room, NULL);
+        rc = -pthread_create(&tid, NULL, seed_inserter, &p);
+        started = rc == 0;
     }
-    rc = pct_dump_start(h, f, kflags);
+    if (!rc)
+        rc = pct_dump_start(h, f, kflags);
     while (rc == 0 && (n = dump_next_zoned(h, f, entries, dirs, SEED_BATCH)) > 0) {
+        pthread_mutex_lock(&p.lock);
+        while (p.filled - p.drained == SEED_BUFFERS)
+            pthread_cond_wait(&p.room, &p.lock);
+        rc = p.err;
+        pthread_mutex_unlock(&p.lock);
+        if (rc)
+            break;
+        b = p.filled % SEED_BUFFERS;
         for (i = 0; i < n; i++)
-            entry_to_record(&entries[i], dirs[i], &recs[i]);
-        rc = add_sorted(c, recs, n, lost);
+            entry_to_record(&entries[i], dirs[i], &p.recs[b][i]);
+        pthread_mutex_lock(&p.lock);
+        p.count[b] = n;
+        p.filled++;
+        pthread_cond_signal(&p.more);
+        pthread_mutex_unlock(&p.lock);
         seen += n;
     }
     if (rc == 0 && n < 0)
         rc = n;
     if (rc < 0)
         pct_dump_abort(h);
+    if (started) {
+        pthread_mutex_lock(&p.lock);
+        p.done = 1;
+        pthread_cond_signal(&p.more);
+        pthread_mutex_unlock(&p.lock);
+        pthread_join(tid, NULL);
+        if (!rc)
+            rc = p.err;
+        *lost = p.lost;
+        pthread_mutex_destroy(&p.lock);
+        pthread_cond_destroy(&p.more);
+        pthread_cond_destroy(&p.room);
+    }
     free(entries);
-    free(recs);
+    for (b = 0; b < SEED_BUFFERS; b++)
+        free(p.recs[b]);
     return rc < 0 ? rc : seen;
 }
 
