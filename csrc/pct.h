@@ -48,6 +48,10 @@ struct pct_handle {
 struct nlmsghdr *pct_put_request(char *buf, unsigned int type, unsigned int flags,
                                  unsigned char family, unsigned char version,
                                  unsigned int seq);
+/* One request, every message of its answer to cb; 0 at the dump's end or the
+ * ACK (NLM_F_ACK) of a request that is no dump, -errno on an error. */
+int pct_nl_exchange(int fd, char *buf, size_t cap, struct nlmsghdr *req, unsigned int seq,
+                    void (*cb)(const struct nlmsghdr *m, void *arg), void *arg);
 int pct_parse_entry(const struct nlmsghdr *nlh, struct pct_entry *e,
                     const struct nlattr **orig_tuple);
 void pct_put_kernel_filter(struct nlmsghdr *nlh, const struct pct_filter *f,

@@ -409,43 +409,29 @@ int pct_flush(struct pct_handle *h, const struct pct_filter *f)
     return pct_request(h, nlh);
 }
 
+static void global_entries(const struct nlmsghdr *m, void *arg)
+{
+    const struct nlattr *a;
+
+    mnl_attr_for_each(a, m, sizeof(struct nfgenmsg)) {
+        if (mnl_attr_get_type(a) == CTA_STATS_GLOBAL_ENTRIES)
+            *(long long *)arg = ntohl(mnl_attr_get_u32(a));
+    }
+}
+
 long long pct_table_count(struct pct_handle *h)
 {
     char buf[MNL_SOCKET_BUFFER_SIZE];
-    memset(buf, 0, MNL_SOCKET_BUFFER_SIZE);  /* never send uninitialised padding */
     struct nlmsghdr *nlh;
     unsigned int seq = ++h->seq;
-    int fd = mnl_socket_get_fd(h->cmd_nl);
+    long long entries = -1;
+    int rc;
 
-    nlh = pct_put_request(buf, IPCTNL_MSG_CT_GET_STATS, 0, AF_UNSPEC, 0, seq);
-    if (mnl_socket_sendto(h->cmd_nl, nlh, nlh->nlmsg_len) < 0)
-        return -errno;
-    for (;;) {
-        const struct nlmsghdr *m;
-        ssize_t n = recv(fd, h->abuf, PCT_RBUF_SIZE, 0);
-        int left;
-
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        left = (int)n;
-        for (m = (const struct nlmsghdr *)h->abuf; mnl_nlmsg_ok(m, left);
-             m = mnl_nlmsg_next(m, &left)) {
-            const struct nlattr *a;
-
-            if (m->nlmsg_seq != seq)
-                continue;
-            if (m->nlmsg_type == NLMSG_ERROR) {
-                const struct nlmsgerr *e = mnl_nlmsg_get_payload(m);
-                return e->error ? e->error : -EBADMSG;
-            }
-            mnl_attr_for_each(a, m, sizeof(struct nfgenmsg)) {
-                if (mnl_attr_get_type(a) == CTA_STATS_GLOBAL_ENTRIES)
-                    return ntohl(mnl_attr_get_u32(a));
-            }
-            return -EBADMSG;
-        }
-    }
+    memset(buf, 0, sizeof(buf));  /* never send uninitialised padding */
+    nlh = pct_put_request(buf, IPCTNL_MSG_CT_GET_STATS, NLM_F_ACK, AF_UNSPEC, 0, seq);
+    rc = pct_nl_exchange(mnl_socket_get_fd(h->cmd_nl), h->abuf, PCT_RBUF_SIZE, nlh, seq,
+                         global_entries, &entries);
+    if (rc < 0)
+        return rc;
+    return entries < 0 ? -EBADMSG : entries;
 }

@@ -279,57 +279,47 @@ static int netlink_deletable(const struct cti_record *r)
  * request without a zone looks up) and keep it only if it is the record's
  * own entry (same original tuple, zone id and direction); then it can be
  * deleted by tuple and conntrack id. 1: found (e->id set), 0: gone, -errno. */
+struct reply_zone_lookup {
+    const struct cti_record *r;
+    struct pct_entry *e;
+    int found;
+};
+
+static void match_reply_zone(const struct nlmsghdr *m, void *arg)
+{
+    struct reply_zone_lookup *q = arg;
+    struct pct_entry got;
+    const struct nlattr *orig;
+    struct cti_record gr;
+
+    if ((m->nlmsg_type & 0xff) != IPCTNL_MSG_CT_NEW || pct_parse_entry(m, &got, &orig) < 0)
+        return;
+    entry_to_record(&got, kdir(got.zone_dir), &gr);
+    gr.hook = q->r->hook;
+    gr.ts_sec = q->r->ts_sec;
+    if (!memcmp(&gr, q->r, offsetof(struct cti_record, hook))) {
+        *q->e = got;   /* id and reply tuple: the delete needs both */
+        q->found = 1;
+    }
+}
+
 static int resolve_reply_zone(struct pct_handle *h, const struct cti_record *r,
                               struct pct_entry *e)
 {
     char req[MNL_SOCKET_BUFFER_SIZE];
+    struct reply_zone_lookup q = { r, e, 0 };
     struct nlmsghdr *nlh;
     unsigned int seq = ++h->seq;
-    int fd = mnl_socket_get_fd(h->cmd_nl), found = 0;
+    int rc;
 
     memset(req, 0, sizeof(req));
     nlh = pct_put_request(req, IPCTNL_MSG_CT_GET, NLM_F_ACK, r->family, 0, seq);
     pct_put_tuple(nlh, CTA_TUPLE_ORIG, e);
-    if (send(fd, nlh, nlh->nlmsg_len, 0) < 0)
-        return -errno;
-    for (;;) {
-        const struct nlmsghdr *m;
-        ssize_t n = recv(fd, h->abuf, PCT_RBUF_SIZE, 0);
-        int left;
-
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        left = (int)n;
-        for (m = (const struct nlmsghdr *)h->abuf; mnl_nlmsg_ok(m, left);
-             m = mnl_nlmsg_next(m, &left)) {
-            if (m->nlmsg_seq != seq)
-                continue;
-            if (m->nlmsg_type == NLMSG_ERROR) {
-                const struct nlmsgerr *err = mnl_nlmsg_get_payload(m);
-                if (err->error == -ENOENT)
-                    return 0;
-                return err->error ? err->error : found;
-            }
-            if ((m->nlmsg_type & 0xff) == IPCTNL_MSG_CT_NEW) {
-                struct pct_entry got;
-                const struct nlattr *orig;
-                struct cti_record gr;
-
-                if (pct_parse_entry(m, &got, &orig) < 0)
-                    continue;
-                entry_to_record(&got, kdir(got.zone_dir), &gr);
-                gr.hook = r->hook;
-                gr.ts_sec = r->ts_sec;
-                if (!memcmp(&gr, r, offsetof(struct cti_record, hook))) {
-                    *e = got;   /* id and reply tuple: the delete needs both */
-                    found = 1;
-                }
-            }
-        }
-    }
+    rc = pct_nl_exchange(mnl_socket_get_fd(h->cmd_nl), h->abuf, PCT_RBUF_SIZE, nlh, seq,
+                         match_reply_zone, &q);
+    if (rc == -ENOENT)
+        return 0;
+    return rc < 0 ? rc : q.found;
 }
 
 /* Delete these records' entries with batched netlink deletes, add the
@@ -700,38 +690,6 @@ out:
 
 /* Send one dump request on fd and call cb for each reply message; returns
  * 0 or -errno (an NLMSG_ERROR reply's errno). */
-static int nl_dump(int fd, char *buf, size_t cap, struct nlmsghdr *req, unsigned int seq,
-                   void (*cb)(const struct nlmsghdr *m, void *arg), void *arg)
-{
-    if (send(fd, req, req->nlmsg_len, 0) < 0)
-        return -errno;
-    for (;;) {
-        const struct nlmsghdr *m;
-        ssize_t n = recv(fd, buf, cap, 0);
-        int left;
-
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        left = (int)n;
-        for (m = (const struct nlmsghdr *)buf; mnl_nlmsg_ok(m, left);
-             m = mnl_nlmsg_next(m, &left)) {
-            if (m->nlmsg_seq != seq)
-                continue;
-            if (m->nlmsg_type == NLMSG_DONE)
-                return 0;
-            if (m->nlmsg_type == NLMSG_ERROR) {
-                /* an error, or the ACK that ends a request that is no dump */
-                const struct nlmsgerr *e = mnl_nlmsg_get_payload(m);
-                return e->error;
-            }
-            cb(m, arg);
-        }
-    }
-}
-
 static void sum_insert(const struct nlmsghdr *m, void *arg)
 {
     const struct nlattr *a;
@@ -776,7 +734,7 @@ static int ovs_datapaths(int fd, char *buf, size_t cap, unsigned int *seq)
     g->cmd = CTRL_CMD_GETFAMILY;
     g->version = 1;
     mnl_attr_put_strz(nlh, CTRL_ATTR_FAMILY_NAME, "ovs_datapath");
-    rc = nl_dump(fd, buf, cap, nlh, nlh->nlmsg_seq, genl_family_id, &family);
+    rc = pct_nl_exchange(fd, buf, cap, nlh, nlh->nlmsg_seq, genl_family_id, &family);
     if (rc == -ENOENT)
         return 0;   /* no openvswitch module: no kernel datapath anywhere */
     if (rc < 0)
@@ -792,7 +750,7 @@ static int ovs_datapaths(int fd, char *buf, size_t cap, unsigned int *seq)
     g->cmd = 3;     /* OVS_DP_CMD_GET */
     g->version = 2; /* OVS_DATAPATH_VERSION */
     mnl_nlmsg_put_extra_header(nlh, sizeof(int));   /* struct ovs_header: dp_ifindex 0 */
-    rc = nl_dump(fd, buf, cap, nlh, nlh->nlmsg_seq, count_msgs, &count);
+    rc = pct_nl_exchange(fd, buf, cap, nlh, nlh->nlmsg_seq, count_msgs, &count);
     return rc < 0 ? rc : count;
 }
 
@@ -814,7 +772,7 @@ int pct_index_blind_spots(struct pct_handle *h, const char *netns_path,
     memset(req, 0, sizeof(req));
     seq = ++h->seq;
     nlh = pct_put_request(req, IPCTNL_MSG_CT_GET_STATS_CPU, NLM_F_DUMP, AF_UNSPEC, 0, seq);
-    rc = nl_dump(fd, h->abuf, PCT_RBUF_SIZE, nlh, seq, sum_insert, insert);
+    rc = pct_nl_exchange(fd, h->abuf, PCT_RBUF_SIZE, nlh, seq, sum_insert, insert);
     if (rc < 0)
         return rc;
     /* nftables bridge-family tables: bridge conntrack uses NFPROTO_BRIDGE
@@ -830,7 +788,7 @@ int pct_index_blind_spots(struct pct_handle *h, const char *netns_path,
         nfg->nfgen_family = 7; /* NFPROTO_BRIDGE */
         nfg->version = NFNETLINK_V0;
     }
-    rc = nl_dump(fd, h->abuf, PCT_RBUF_SIZE, nlh, seq, count_msgs, bridge_tables);
+    rc = pct_nl_exchange(fd, h->abuf, PCT_RBUF_SIZE, nlh, seq, count_msgs, bridge_tables);
     if (rc == -ENOENT || rc == -EOPNOTSUPP || rc == -EPROTONOSUPPORT)
         rc = 0;   /* no nf_tables: no bridge tables */
     if (rc < 0)

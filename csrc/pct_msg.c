@@ -329,3 +329,39 @@ void pct_put_kernel_filter(struct nlmsghdr *nlh, const struct pct_filter *f,
         mnl_attr_nest_end(nlh, tuple);
     }
 }
+
+/* Send one request and hand every message of its answer to cb, until the
+ * dump's DONE (0) or an NLMSG_ERROR: its error, or 0 for the ACK that ends a
+ * request that is no dump (send those with NLM_F_ACK). */
+int pct_nl_exchange(int fd, char *buf, size_t cap, struct nlmsghdr *req, unsigned int seq,
+                    void (*cb)(const struct nlmsghdr *m, void *arg), void *arg)
+{
+    if (send(fd, req, req->nlmsg_len, 0) < 0)
+        return -errno;
+    for (;;) {
+        const struct nlmsghdr *m;
+        ssize_t n = recv(fd, buf, cap, 0);
+        int left;
+
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        left = (int)n;
+        for (m = (const struct nlmsghdr *)buf; mnl_nlmsg_ok(m, left);
+             m = mnl_nlmsg_next(m, &left)) {
+            if (m->nlmsg_seq != seq)
+                continue;
+            if (m->nlmsg_type == NLMSG_DONE)
+                return 0;
+            if (m->nlmsg_type == NLMSG_ERROR) {
+                /* an error, or the ACK that ends a request that is no dump */
+                const struct nlmsgerr *e = mnl_nlmsg_get_payload(m);
+                return e->error;
+            }
+            cb(m, arg);
+        }
+    }
+}
+
