@@ -294,18 +294,20 @@ int cti_record(struct bpf_nf_ctx *ctx)
 	__u16 l3num = 0;
 	__u8 zdir = 0;
 
+	/* skb is a trusted BTF pointer: a plain (CO-RE relocated) load */
+	nfct = ctx->skb->_nfct;
+	ct = (struct nf_conn *)(nfct & ~7UL);
+	/* The fast path, for most packets: no entry, or a packet of a connection
+	 * that has seen a reply (ctinfo ESTABLISHED, ESTABLISHED_REPLY,
+	 * RELATED_REPLY): its entry is confirmed, nothing to read or count. Only
+	 * IP_CT_NEW and IP_CT_RELATED can belong to an entry being created. */
+	if (!ct || ((nfct & 7) != IP_CT_NEW && (nfct & 7) != IP_CT_RELATED))
+		return NF_ACCEPT;
+
 	st = bpf_map_lookup_elem(&cti_stats, &zero);
 	if (!st)
 		return NF_ACCEPT;
 	st->seen++;
-
-	/* skb is a trusted BTF pointer: a plain (CO-RE relocated) load */
-	nfct = ctx->skb->_nfct;
-	ct = (struct nf_conn *)(nfct & ~7UL);
-	if (!ct) {
-		st->no_ct++;
-		return NF_ACCEPT;
-	}
 
 	/* nf_conn is not trusted here: read it with CO-RE probe reads */
 	if (bpf_core_read(&status, sizeof(status), &ct->status)) {
@@ -313,7 +315,7 @@ int cti_record(struct bpf_nf_ctx *ctx)
 		return NF_ACCEPT;
 	}
 	if (status & IPS_CONFIRMED) {
-		st->confirmed++;
+		st->confirmed++;   /* a repeat of a connection without reply yet */
 		return NF_ACCEPT;
 	}
 

@@ -91,9 +91,11 @@ struct cti_zone {
 
 /* Global counters of the netfilter program (per-CPU array, 1 entry). */
 struct cti_stats {
-	unsigned long long seen;      /* packets seen by the hook */
-	unsigned long long no_ct;     /* no conntrack entry / untracked */
-	unsigned long long confirmed; /* entry already confirmed: not new */
+	unsigned long long seen;      /* packets with ctinfo NEW or RELATED (the
+	                                 others leave at once, uncounted) */
+	unsigned long long no_ct;     /* unused (packets without an entry leave
+	                                 on the fast path) */
+	unsigned long long confirmed; /* NEW/RELATED but already confirmed */
 	unsigned long long recorded;  /* records stored */
 	unsigned long long failed;    /* records lost (see cti_zone.failed) */
 	unsigned long long read_err;  /* nf_conn read failed */
