@@ -232,6 +232,8 @@ def test_index_figures_quick(tmp_path):
     ok, _, reason = index_mod.availability()
     if not ok:
         pytest.skip(reason)
+    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+        stats_before = f.read().strip()
     p = subprocess.run([sys.executable, "-m", "pyconntrack", "bench", "--index", "--quick",
                         "--json", "--out", str(tmp_path)], capture_output=True, text=True,
                        timeout=600)
@@ -240,5 +242,8 @@ def test_index_figures_quick(tmp_path):
     assert out["churn"]["entries_left"] == 0
     assert 0 < out["setup_rate"]["ratio"] and 0 < out["setup_rate"]["established_ratio"]
     assert out["attach"]["attach_s"] > 0
+    assert out["hook_cost"]["new_flow_ns"] > out["hook_cost"]["existing_flow_packet_ns"] > 0
+    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+        assert f.read().strip() == stats_before        # restored
     assert [t["id"] for t in out["targets"]] == ["I1", "I2", "I3", "I4"]
     assert (tmp_path / "index.md").read_text().count("| I") == 4

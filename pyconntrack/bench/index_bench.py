@@ -6,11 +6,17 @@ run (scratch namespaces only):
   index served (strategy ``index``), what was left, and the records kept.
 - ``setup_rate``: new-flow rate with the index attached against without
   (alternating runs; ratio of medians).
+- ``hook_cost``: nanoseconds per run of the hook program (the kernel's BPF
+  run statistics, switched on for that measurement only) on new flows and on
+  packets of existing flows: where the setup cost goes.
 - ``attach_time``: attach (hooks + one walk) at 1M entries against the plain
   walk (count) of the same table.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import statistics
 import subprocess
 import threading
@@ -106,6 +112,53 @@ def setup_rate(flows: int = 100_000, rounds: int = 5) -> dict:
             "established_ratio": round(ea / eb, 3)}
 
 
+BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+def _hook_runs(pin_dir: str) -> tuple:
+    """(run_cnt, run_time_ns) of the hook program behind this index's links."""
+    link = json.loads(subprocess.run(
+        ["bpftool", "-j", "link", "show", "pinned", os.path.join(pin_dir, "link_ip4_pre")],
+        capture_output=True, text=True, check=True).stdout)
+    prog = json.loads(subprocess.run(
+        ["bpftool", "-j", "prog", "show", "id", str(link["prog_id"])],
+        capture_output=True, text=True, check=True).stdout)
+    return prog.get("run_cnt", 0), prog.get("run_time_ns", 0)
+
+
+def hook_cost(flows: int = 100_000) -> dict:
+    """Where the setup cost goes: nanoseconds per run of the hook program
+    (the kernel's BPF run statistics, kernel.bpf_stats_enabled switched on
+    for this measurement only and restored), over new flows and over
+    packets of existing flows. Not part of any timed rate."""
+    if not shutil.which("bpftool"):
+        return {"skipped": "bpftool is not installed"}
+    with open(BPF_STATS) as f:
+        before = f.read().strip()
+    out: dict = {}
+    with Topology(zones=[5]) as t:
+        one = t.zone_addresses(5, 4, 1)
+        with Conntrack(t.host_netns) as ct:
+            pin_dir = ct.attach_index().pin_dir
+            try:
+                with open(BPF_STATS, "w") as f:
+                    f.write("1")
+                for name, send in (
+                        ("new_flow_ns", lambda: t.send("udp", 4, 5, flows, dport=1024)),
+                        ("existing_flow_packet_ns",
+                         lambda: t.send("udp", 4, 5, flows * 5, dport=50000, ports=64,
+                                        addresses=one, reuse=True))):
+                    c0, ns0 = _hook_runs(pin_dir)
+                    send()
+                    c1, ns1 = _hook_runs(pin_dir)
+                    out[name] = round((ns1 - ns0) / max(1, c1 - c0))
+            finally:
+                with open(BPF_STATS, "w") as f:
+                    f.write(before)
+                ct.detach_index()
+    return out
+
+
 def attach_time(entries: int = 1_000_000, rounds: int = 3) -> dict:
     """Attach (hooks + one walk) against a plain count walk of the same table."""
     from .harness import KernelLimits   # raises nf_conntrack_max for the run, restores it
@@ -134,8 +187,10 @@ def run_all(quick: bool = False) -> dict:
     if quick:
         return {"churn": churn_share(seconds=5, rate=10_000),
                 "setup_rate": setup_rate(flows=20_000, rounds=2),
+                "hook_cost": hook_cost(flows=20_000),
                 "attach": attach_time(entries=20_000, rounds=2)}
-    return {"churn": churn_share(), "setup_rate": setup_rate(), "attach": attach_time()}
+    return {"churn": churn_share(), "setup_rate": setup_rate(), "hook_cost": hook_cost(),
+            "attach": attach_time()}
 
 
 # issue targets, each against its baseline in the same run
@@ -174,4 +229,10 @@ def markdown(result: dict) -> str:
     lines = ["| | figure | target | this run | |", "|---|---|---|---|---|"]
     for t in evaluate(result):
         lines.append(f"| {t['id']} | {t['what']} | {t['target']} | {t['value']} | {t['met']} |")
+    hc = result.get("hook_cost") or {}
+    if "new_flow_ns" in hc:
+        lines += ["", f"Hook program per run (bpf_stats): {hc['new_flow_ns']} ns on a new "
+                      f"flow, {hc['existing_flow_packet_ns']} ns on a packet of an existing one."]
+    elif "skipped" in hc:
+        lines += ["", f"Hook program per run: not measured ({hc['skipped']})."]
     return "\n".join(lines) + "\n"
