@@ -1,6 +1,7 @@
 """Building known tables in a scratch netns."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -56,6 +57,18 @@ def refill(ct: Conntrack, rows) -> None:
             ct.create_many(n, **r)
         except ConntrackError as exc:
             assert exc.errno == errno.EEXIST
+
+
+@contextlib.contextmanager
+def index_host(netns: str):
+    """A Conntrack on ``netns`` whose eBPF index is always detached at the
+    end: pinned links outlive their namespace."""
+    ct = Conntrack(netns)
+    try:
+        yield ct
+    finally:
+        ct.detach_index()
+        ct.close()
 
 
 def require_index():

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from helpers import kernel_version, require_index
-from pyconntrack import Conntrack, Filter, KernelUnsupported
+from helpers import index_host, kernel_version, require_index
+from pyconntrack import Filter, KernelUnsupported
 from pyconntrack.testing.topology import Topology
 
 from model import key, model_match
@@ -34,13 +34,8 @@ def topo(index_available):
 
 @pytest.fixture
 def host(topo):
-    ct = Conntrack(topo.host_netns)
-    try:
+    with index_host(topo.host_netns) as ct:
         yield ct
-    finally:
-        # links outlive their namespace: always detach before it goes
-        ct.detach_index()
-        ct.close()
 
 
 def snapshot(ct):

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from helpers import require_index
+from helpers import index_host, require_index
 from pyconntrack import Conntrack, ConntrackError, Filter
 from pyconntrack import index as index_mod
 from pyconntrack.testing.topology import Topology
@@ -41,12 +41,8 @@ def topo(index_available):
 
 @pytest.fixture
 def host(topo):
-    ct = Conntrack(topo.host_netns)
-    try:
+    with index_host(topo.host_netns) as ct:
         yield ct
-    finally:
-        ct.detach_index()
-        ct.close()
 
 
 def conntrack_tool(ns, *args):
