@@ -585,6 +585,20 @@ next:
 	return 0;
 }
 
+/* The reply of a request that read its payload with bpf_xdp_load_bytes:
+ * ctx data may have moved, so it is checked again before writing. */
+static __always_inline int reply_done(struct xdp_md *ctx, __u64 visited, __u64 failed)
+{
+	struct cti_reap_args *a = (void *)(long)ctx->data;
+
+	if ((void *)(a + 1) > (void *)(long)ctx->data_end)
+		return XDP_ABORTED;
+	a->visited = visited;
+	a->failed = failed;
+	a->status = 0;
+	return XDP_PASS;
+}
+
 SEC("xdp")
 int cti_reap(struct xdp_md *ctx)
 {
@@ -641,16 +655,7 @@ int cti_reap(struct xdp_md *ctx)
 			if (st)
 				st->seeded += added;
 		}
-		/* ctx data may have moved: re-check before writing the reply */
-		data = (void *)(long)ctx->data;
-		data_end = (void *)(long)ctx->data_end;
-		a = data;
-		if ((void *)(a + 1) > data_end)
-			return XDP_ABORTED;
-		a->visited = i;
-		a->failed = lost;
-		a->status = 0;
-		return XDP_PASS;
+		return reply_done(ctx, i, lost);
 	}
 	if (c.op == CTI_OP_DROP) {
 		struct cti_stats *st;
@@ -671,14 +676,7 @@ int cti_reap(struct xdp_md *ctx)
 			if (st)
 				__sync_fetch_and_add(&st->removed, 1);
 		}
-		data = (void *)(long)ctx->data;
-		data_end = (void *)(long)ctx->data_end;
-		a = data;
-		if ((void *)(a + 1) > data_end)
-			return XDP_ABORTED;
-		a->visited = i;
-		a->status = 0;
-		return XDP_PASS;
+		return reply_done(ctx, i, 0);
 	}
 	if (c.op != CTI_OP_REAP && c.op != CTI_OP_PRUNE) {
 		a->status = -22;

@@ -535,26 +535,26 @@ int cti_unpin(struct cti *c)
 	return err;
 }
 
-static int run_reaper(struct cti *c, struct cti_reap_args *a)
+/* Run the reaper on a request: its arguments, then size - sizeof(args) bytes
+ * of payload (records, slots). The reply is written over the request (the
+ * kernel copies it in before the run). Returns the reaper's status or -errno. */
+static int run_reaper(struct cti *c, void *req, size_t size)
 {
-	struct cti_reap_args out;
 	LIBBPF_OPTS(bpf_test_run_opts, opts,
-		.data_in = a,
-		.data_size_in = sizeof(*a),
-		.data_out = &out,
-		.data_size_out = sizeof(out),
+		.data_in = req,
+		.data_size_in = size,
+		.data_out = req,
+		.data_size_out = size,
 		.repeat = 1,
 	);
 	int err;
 
-	err = bpf_prog_test_run_opts(c->fd_reap,
-				     &opts);
+	err = bpf_prog_test_run_opts(c->fd_reap, &opts);
 	if (err)
 		return err < 0 ? err : -EIO;
-	if (opts.retval != XDP_PASS || opts.data_size_out != sizeof(out))
+	if (opts.retval != XDP_PASS || opts.data_size_out != size)
 		return -EIO;
-	memcpy(a, &out, sizeof(out));
-	return a->status;
+	return ((struct cti_reap_args *)req)->status;
 }
 
 static int reap_loop(struct cti *c, unsigned int op, unsigned int zone,
@@ -579,13 +579,13 @@ static int reap_loop(struct cti *c, unsigned int op, unsigned int zone,
 	err = netns_enter(c->netns_fd, &old);
 	if (err)
 		return err;
-	err = run_reaper(c, &a);
+	err = run_reaper(c, &a, sizeof(a));
 	/* bound the retries: a pass of N slots needs about N / budget runs */
 	max_runs = (a.end - a.tail) / a.budget + 64;
 	res->runs = 1;
 	for (;;) {
 		while (!err && !a.pass_done && res->runs < max_runs) {
-			err = run_reaper(c, &a);
+			err = run_reaper(c, &a, sizeof(a));
 			res->runs++;
 		}
 		/* the hook moved records while the pass began: one more pass */
@@ -593,7 +593,7 @@ static int reap_loop(struct cti *c, unsigned int op, unsigned int zone,
 			break;
 		a.end = 0;
 		a.pass_done = 0;
-		err = run_reaper(c, &a);
+		err = run_reaper(c, &a, sizeof(a));
 		res->runs++;
 	}
 	if (!err && !a.pass_done)
@@ -643,7 +643,7 @@ long long cti_clear_dirty(struct cti *c, unsigned int zone, unsigned long long e
 	a.zone = zone;
 	a.end = expected;
 	/* no kfunc is called: any netns will do */
-	err = run_reaper(c, &a);
+	err = run_reaper(c, &a, sizeof(a));
 	return err ? err : (long long)a.failed;
 }
 
@@ -653,7 +653,7 @@ long long cti_add_records(struct cti *c, unsigned int zone,
 	struct {
 		struct cti_reap_args a;
 		struct cti_record r[CTI_ADD_MAX];
-	} in, out;
+	} req;
 	long long lost = 0;
 	unsigned int done = 0;
 
@@ -661,27 +661,17 @@ long long cti_add_records(struct cti *c, unsigned int zone,
 		return -EINVAL;
 	while (done < n) {
 		unsigned int k = n - done < CTI_ADD_MAX ? n - done : CTI_ADD_MAX;
-		size_t size = sizeof(in.a) + k * sizeof(struct cti_record);
-		LIBBPF_OPTS(bpf_test_run_opts, opts,
-			.data_in = &in,
-			.data_size_in = size,
-			.data_out = &out,
-			.data_size_out = size,
-			.repeat = 1,
-		);
 		int err;
 
-		memset(&in.a, 0, sizeof(in.a));
-		in.a.op = CTI_OP_ADD;
-		in.a.zone = zone;
-		in.a.budget = k;
-		memcpy(in.r, recs + done, k * sizeof(struct cti_record));
-		err = bpf_prog_test_run_opts(c->fd_reap, &opts);
+		memset(&req.a, 0, sizeof(req.a));
+		req.a.op = CTI_OP_ADD;
+		req.a.zone = zone;
+		req.a.budget = k;
+		memcpy(req.r, recs + done, k * sizeof(req.r[0]));
+		err = run_reaper(c, &req, sizeof(req.a) + k * sizeof(req.r[0]));
 		if (err)
-			return err < 0 ? err : -EIO;
-		if (opts.retval != XDP_PASS || out.a.status)
-			return out.a.status ? out.a.status : -EIO;
-		lost += (long long)out.a.failed;
+			return err;
+		lost += (long long)req.a.failed;
 		done += k;
 	}
 	return lost;
@@ -868,7 +858,7 @@ long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long
 	struct {
 		struct cti_reap_args a;
 		unsigned long long s[CTI_DROP_MAX];
-	} in, out;
+	} req;
 	struct cti_zone before, after;
 	unsigned int done = 0;
 	int err;
@@ -880,25 +870,15 @@ long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long
 		return err;
 	while (done < n) {
 		unsigned int k = n - done < CTI_DROP_MAX ? n - done : CTI_DROP_MAX;
-		size_t size = sizeof(in.a) + k * sizeof(in.s[0]);
-		LIBBPF_OPTS(bpf_test_run_opts, opts,
-			.data_in = &in,
-			.data_size_in = size,
-			.data_out = &out,
-			.data_size_out = size,
-			.repeat = 1,
-		);
 
-		memset(&in.a, 0, sizeof(in.a));
-		in.a.op = CTI_OP_DROP;
-		in.a.zone = zone;
-		in.a.budget = k;
-		memcpy(in.s, slots + done, k * sizeof(in.s[0]));
-		err = bpf_prog_test_run_opts(c->fd_reap, &opts);
+		memset(&req.a, 0, sizeof(req.a));
+		req.a.op = CTI_OP_DROP;
+		req.a.zone = zone;
+		req.a.budget = k;
+		memcpy(req.s, slots + done, k * sizeof(req.s[0]));
+		err = run_reaper(c, &req, sizeof(req.a) + k * sizeof(req.s[0]));
 		if (err)
-			return err < 0 ? err : -EIO;
-		if (opts.retval != XDP_PASS || out.a.status)
-			return out.a.status ? out.a.status : -EIO;
+			return err;
 		done += k;
 	}
 	/* one reaper per zone: nothing else removes this zone's records meanwhile */
