@@ -242,6 +242,8 @@ def test_index_figures_quick(tmp_path):
     assert out["churn"]["entries_left"] == 0
     assert 0 < out["setup_rate"]["ratio"] and 0 < out["setup_rate"]["established_ratio"]
     assert out["attach"]["attach_s"] > 0
+    assert all(out["attach"][k] > 0 for k in ("raw_dump_s", "open_from_pins_ms",
+                                              "load_object_ms", "pre_delete_check_ms"))
     assert out["hook_cost"]["new_flow_ns"] > out["hook_cost"]["existing_flow_packet_ns"] > 0
     with open("/proc/sys/kernel/bpf_stats_enabled") as f:
         assert f.read().strip() == stats_before        # restored

@@ -1308,15 +1308,20 @@ def plot_unavailable() -> Optional[str]:
     return None
 
 
+def _write_files(out: str, stem: str, result: dict, md: str) -> None:
+    """DIR/STEM.json and DIR/STEM.md."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(md)
+
+
 def _render(result: dict, args) -> None:
     md = markdown(result)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(md)
+        _write_files(args.out, "results", result, md)
         if not args.no_plot:
             missing = plot_unavailable()
             if missing:
@@ -1330,15 +1335,10 @@ def _render(result: dict, args) -> None:
 def _run_index_figures(args) -> int:
     from . import index_bench
     result = index_bench.run_all(quick=bool(getattr(args, "quick", False)))
-    result["targets"] = index_bench.evaluate(result)
+    md = index_bench.markdown(result)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "index.json"), "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-        with open(os.path.join(args.out, "index.md"), "w") as f:
-            f.write(index_bench.markdown(result))
-    print(json.dumps(result, indent=1) if args.json else index_bench.markdown(result))
+        _write_files(args.out, "index", result, md)
+    print(json.dumps(result, indent=1) if args.json else md)
     return 0
 
 
@@ -1397,7 +1397,6 @@ def run(args) -> int:
         bench._log("eBPF index figures (churn, setup rate, attach at 1M)")
         try:
             index_figures = index_bench.run_all()
-            index_figures["targets"] = index_bench.evaluate(index_figures)
         except ConntrackError as exc:   # e.g. no netfilter BPF: said, not fatal
             index_figures = {"skipped": str(exc)}
     meta["duration_s"] = round(time.perf_counter() - started, 1)
