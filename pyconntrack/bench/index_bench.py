@@ -281,8 +281,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {t['id']} | {t['what']} | {t['target']} | {t['value']} | {t['met']} |")
     a = result.get("attach") or {}
     if "raw_dump_s" in a:
-        lines += ["", f"At {a['entries']:,} entries: the kernel's dump of the table alone "
-                      f"{a['raw_dump_s']:.2f} s (the floor of any walk, attach included); "
+        lines += ["", f"At {a['entries']:,} entries: a raw netlink dump of the table (headers "
+                      f"counted, nothing parsed) {a['raw_dump_s']:.2f} s, the floor of any "
+                      f"walk, attach's included; "
                       f"opening the attached index from its pins {a['open_from_pins_ms']} ms "
                       f"against {a['load_object_ms']} ms to load the BPF object; the check "
                       f"before every index delete {a['pre_delete_check_ms']} ms."]
