@@ -45,7 +45,8 @@ char LICENSE[] SEC("license") = "GPL";
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, CTI_DEFAULT_MAX_RECORDS); /* loader may resize */
+	__uint(max_entries, CTI_DEFAULT_MAX_RECORDS); /* the loader may resize it, and
+							* preallocate it (CTI_OPEN_PREALLOC) */
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, struct cti_record);
@@ -135,28 +136,34 @@ static __always_inline int cti_append(struct cti_zone *zm, __u32 zone,
 /* Netfilter program: record new entries                               */
 /* ------------------------------------------------------------------ */
 
-/* The original tuple in one probe read where the kernel's struct
- * nf_conntrack_tuple has this object's layout (it has not changed in years;
- * CO-RE checks it at load time), else field by field. Each probe read is a
- * helper call (~40 ns): the hook runs on every new connection. */
+/* Does the kernel's struct nf_conntrack_tuple have this object's layout? It
+ * has not changed in years; CO-RE makes this a constant at load time. */
+static __always_inline int tuple_layout_matches(void)
+{
+	return bpf_core_type_size(struct nf_conntrack_tuple) ==
+		       sizeof(struct nf_conntrack_tuple) &&
+	       bpf_core_field_offset(struct nf_conntrack_tuple, src.u3) ==
+		       __builtin_offsetof(struct nf_conntrack_tuple, src.u3) &&
+	       bpf_core_field_offset(struct nf_conntrack_tuple, src.u) ==
+		       __builtin_offsetof(struct nf_conntrack_tuple, src.u) &&
+	       bpf_core_field_offset(struct nf_conntrack_tuple, src.l3num) ==
+		       __builtin_offsetof(struct nf_conntrack_tuple, src.l3num) &&
+	       bpf_core_field_offset(struct nf_conntrack_tuple, dst.u3) ==
+		       __builtin_offsetof(struct nf_conntrack_tuple, dst.u3) &&
+	       bpf_core_field_offset(struct nf_conntrack_tuple, dst.u) ==
+		       __builtin_offsetof(struct nf_conntrack_tuple, dst.u) &&
+	       bpf_core_field_offset(struct nf_conntrack_tuple, dst.protonum) ==
+		       __builtin_offsetof(struct nf_conntrack_tuple, dst.protonum);
+}
+
+/* The original tuple in one probe read where the layout matches, else field
+ * by field (the fallback of read_ct below). */
 static __always_inline long read_tuple(const struct nf_conntrack_tuple *t,
 				       struct nf_conntrack_tuple *out)
 {
 	long err = 0;
 
-	if (bpf_core_type_size(struct nf_conntrack_tuple) == sizeof(*out) &&
-	    bpf_core_field_offset(struct nf_conntrack_tuple, src.u3) ==
-		    __builtin_offsetof(struct nf_conntrack_tuple, src.u3) &&
-	    bpf_core_field_offset(struct nf_conntrack_tuple, src.u) ==
-		    __builtin_offsetof(struct nf_conntrack_tuple, src.u) &&
-	    bpf_core_field_offset(struct nf_conntrack_tuple, src.l3num) ==
-		    __builtin_offsetof(struct nf_conntrack_tuple, src.l3num) &&
-	    bpf_core_field_offset(struct nf_conntrack_tuple, dst.u3) ==
-		    __builtin_offsetof(struct nf_conntrack_tuple, dst.u3) &&
-	    bpf_core_field_offset(struct nf_conntrack_tuple, dst.u) ==
-		    __builtin_offsetof(struct nf_conntrack_tuple, dst.u) &&
-	    bpf_core_field_offset(struct nf_conntrack_tuple, dst.protonum) ==
-		    __builtin_offsetof(struct nf_conntrack_tuple, dst.protonum))
+	if (tuple_layout_matches())
 		return bpf_probe_read_kernel(out, sizeof(*out), t);
 	err |= bpf_core_read(&out->src.u3, sizeof(out->src.u3), &t->src.u3);
 	err |= bpf_core_read(&out->src.u.all, sizeof(out->src.u.all), &t->src.u.all);
@@ -164,6 +171,73 @@ static __always_inline long read_tuple(const struct nf_conntrack_tuple *t,
 	err |= bpf_core_read(&out->dst.u3, sizeof(out->dst.u3), &t->dst.u3);
 	err |= bpf_core_read(&out->dst.u.all, sizeof(out->dst.u.all), &t->dst.u.all);
 	err |= bpf_core_read(&out->dst.protonum, sizeof(out->dst.protonum), &t->dst.protonum);
+	return err;
+}
+
+/* What the index needs of an nf_conn. */
+struct ct_view {
+	unsigned long status;
+	int use;             /* ct_general.use: 0 once the entry is freed */
+	__u32 timeout;       /* jiffies, 32 bits */
+	__u16 zone;
+	__u8 zone_dir;       /* CTI_ZONE_DIR_*, never 0 */
+	struct nf_conntrack_tuple t;   /* original direction */
+};
+
+/* Bytes from the start of nf_conn to the end of status: use, timeout, zone,
+ * both tuples and status (136 on x86-64 for years). */
+#define CT_HEAD_MAX 144
+#define CT_OFF(field) bpf_core_field_offset(struct nf_conn, field)
+
+/* Does the running kernel's nf_conn keep everything the view needs in its
+ * first CT_HEAD_MAX bytes, with the field sizes this object reads? CO-RE
+ * makes each term a constant at load time. */
+static __always_inline int ct_head_fits(void)
+{
+	return bpf_core_field_exists(struct nf_conn, zone) &&
+	       bpf_core_field_size(struct nf_conn, status) == sizeof(unsigned long) &&
+	       bpf_core_field_size(struct nf_conn, timeout) == sizeof(__u32) &&
+	       bpf_core_field_size(struct nf_conn, ct_general.use.refs.counter) == sizeof(int) &&
+	       bpf_core_field_size(struct nf_conn, zone.id) == sizeof(__u16) &&
+	       bpf_core_field_size(struct nf_conn, zone.dir) == sizeof(__u8) &&
+	       bpf_core_type_size(struct nf_conntrack_tuple) == sizeof(struct nf_conntrack_tuple) &&
+	       CT_OFF(status) + sizeof(unsigned long) <= CT_HEAD_MAX &&
+	       CT_OFF(tuplehash[0].tuple) + sizeof(struct nf_conntrack_tuple) <= CT_HEAD_MAX;
+}
+
+/* Read an nf_conn in one probe read where its head fits (each probe read is
+ * a helper call of ~40 ns, and the hook runs for every new connection), else
+ * field by field. Returns 0 or a probe read's error. Not inlined: its
+ * buffer then lives in its own stack frame, once. */
+static __noinline long read_ct(struct nf_conn *ct, struct ct_view *v)
+{
+	struct nf_conntrack_zone z = {};
+	long err = 0;
+
+	if (ct_head_fits() && tuple_layout_matches()) {
+		__u64 head[CT_HEAD_MAX / 8];   /* aligned: the verifier wants it */
+		__u8 *buf = (__u8 *)head;
+
+		if (bpf_probe_read_kernel(buf, CT_OFF(status) + sizeof(unsigned long), ct))
+			return -1;
+		v->status = *(unsigned long *)(buf + CT_OFF(status));
+		v->use = *(int *)(buf + CT_OFF(ct_general.use.refs.counter));
+		v->timeout = *(__u32 *)(buf + CT_OFF(timeout));
+		v->zone = *(__u16 *)(buf + CT_OFF(zone.id));
+		v->zone_dir = *(__u8 *)(buf + CT_OFF(zone.dir));
+		__builtin_memcpy(&v->t, buf + CT_OFF(tuplehash[0].tuple), sizeof(v->t));
+	} else {
+		err |= bpf_core_read(&v->status, sizeof(v->status), &ct->status);
+		err |= bpf_core_read(&v->use, sizeof(v->use), &ct->ct_general.use.refs.counter);
+		err |= bpf_core_read(&v->timeout, sizeof(v->timeout), &ct->timeout);
+		if (bpf_core_field_exists(ct->zone))
+			bpf_core_read(&z, sizeof(z), &ct->zone);
+		v->zone = z.id;
+		v->zone_dir = z.dir;
+		err |= read_tuple(&ct->tuplehash[0].tuple, &v->t);
+	}
+	v->zone_dir &= CTI_ZONE_DIR_BOTH;
+	v->zone_dir |= (!v->zone_dir) * CTI_ZONE_DIR_BOTH;
 	return err;
 }
 
@@ -180,45 +254,31 @@ static __always_inline long read_tuple(const struct nf_conntrack_tuple *t,
  * walks (ct 0) are kept. */
 static __always_inline int cti_entry_alive(const struct cti_record *r)
 {
-	struct nf_conn *ct = (struct nf_conn *)r->ct;
-	struct nf_conntrack_tuple t = {};
+	struct ct_view v = {};
 	const unsigned int *a;
-	unsigned long status = 0;
-	struct nf_conntrack_zone z = {};
 	__u16 want_dp;
-	__u32 timeout = 0, diff;
-	int use = 0, icmp;
-	long err = 0;
-	__u8 dir;
+	__u32 diff;
+	int icmp;
 
-	if (!ct)
+	if (!r->ct)
 		return CTI_ALIVE;
-	err |= bpf_core_read(&use, sizeof(use), &ct->ct_general.use.refs.counter);
-	err |= bpf_core_read(&status, sizeof(status), &ct->status);
-	if (bpf_core_field_exists(ct->zone))
-		bpf_core_read(&z, sizeof(z), &ct->zone);
-	err |= read_tuple(&ct->tuplehash[0].tuple, &t);
-	if (err)
+	if (read_ct((struct nf_conn *)r->ct, &v))
 		return CTI_GONE;   /* unreadable: the slab page is gone, so is the entry */
-	dir = z.dir & CTI_ZONE_DIR_BOTH;
-	dir |= (!dir) * CTI_ZONE_DIR_BOTH;
 	/* ICMP: the tuple's dst.u holds type and code, the record has dport 0 */
 	icmp = (r->proto == IPPROTO_ICMP) | (r->proto == IPPROTO_ICMPV6);
 	want_dp = icmp ? (__u16)(r->icmp_type | (r->icmp_code << 8)) : r->dport;
-	diff = (z.id ^ r->zone) | (dir ^ r->zone_dir) | (t.src.u.all ^ r->sport) |
-	       (t.dst.u.all ^ want_dp);
-	a = (const unsigned int *)&t.src.u3;
+	diff = (v.zone ^ r->zone) | (v.zone_dir ^ r->zone_dir) |
+	       (v.t.src.u.all ^ r->sport) | (v.t.dst.u.all ^ want_dp);
+	a = (const unsigned int *)&v.t.src.u3;
 	diff |= (a[0] ^ r->saddr[0]) | (a[1] ^ r->saddr[1]) | (a[2] ^ r->saddr[2]) |
 		(a[3] ^ r->saddr[3]);
-	a = (const unsigned int *)&t.dst.u3;
+	a = (const unsigned int *)&v.t.dst.u3;
 	diff |= (a[0] ^ r->daddr[0]) | (a[1] ^ r->daddr[1]) | (a[2] ^ r->daddr[2]) |
 		(a[3] ^ r->daddr[3]);
-	if (!(use > 0 && (status & IPS_CONFIRMED) && !diff))
+	if (!(v.use > 0 && (v.status & IPS_CONFIRMED) && !diff))
 		return CTI_GONE;
-	/* nf_ct_is_expired(): ct->timeout is in jiffies, 32 bits */
-	if (bpf_core_read(&timeout, sizeof(timeout), &ct->timeout))
-		return CTI_ALIVE;
-	return (__s32)(timeout - (__u32)bpf_jiffies64()) <= 0 ? CTI_EXPIRED : CTI_ALIVE;
+	/* nf_ct_is_expired() */
+	return (__s32)(v.timeout - (__u32)bpf_jiffies64()) <= 0 ? CTI_EXPIRED : CTI_ALIVE;
 }
 
 /* Amortised pruning: with each record stored, look at the zone's oldest
@@ -284,7 +344,8 @@ static __always_inline void cti_prune_tail(struct cti_zone *zm, __u32 zone,
 SEC("netfilter")
 int cti_record(struct bpf_nf_ctx *ctx)
 {
-	struct nf_conntrack_tuple t = {};
+	struct ct_view v = {};
+	struct nf_conntrack_tuple *t = &v.t;
 	struct cti_record rec = {};
 	struct cti_stats *st;
 	struct cti_zone *zm;
@@ -309,7 +370,9 @@ int cti_record(struct bpf_nf_ctx *ctx)
 		return NF_ACCEPT;
 	st->seen++;
 
-	/* nf_conn is not trusted here: read it with CO-RE probe reads */
+	/* nf_conn is not trusted here: read it with CO-RE probe reads. Repeats
+	 * of a connection without a reply yet (ctinfo stays NEW) need only its
+	 * status. */
 	if (bpf_core_read(&status, sizeof(status), &ct->status)) {
 		st->read_err++;
 		return NF_ACCEPT;
@@ -319,30 +382,23 @@ int cti_record(struct bpf_nf_ctx *ctx)
 		return NF_ACCEPT;
 	}
 
-	if (bpf_core_field_exists(ct->zone)) {
-		struct nf_conntrack_zone z = {};
-
-		bpf_core_read(&z, sizeof(z), &ct->zone);
-		zone = z.id;
-		zdir = z.dir;
-	}
-	if (!(zdir & CTI_ZONE_DIR_BOTH))
-		zdir = CTI_ZONE_DIR_BOTH;
-
-	if (read_tuple(&ct->tuplehash[0].tuple, &t)) {
+	/* a new entry: everything else in one more read */
+	if (read_ct(ct, &v)) {
 		st->read_err++;
 		return NF_ACCEPT;
 	}
-	l3num = t.src.l3num;
-	rec.proto = t.dst.protonum;
-	__builtin_memcpy(rec.saddr, &t.src.u3, sizeof(rec.saddr));
-	__builtin_memcpy(rec.daddr, &t.dst.u3, sizeof(rec.daddr));
-	rec.sport = t.src.u.all;
+	zone = v.zone;
+	zdir = v.zone_dir;
+	l3num = t->src.l3num;
+	rec.proto = t->dst.protonum;
+	__builtin_memcpy(rec.saddr, &t->src.u3, sizeof(rec.saddr));
+	__builtin_memcpy(rec.daddr, &t->dst.u3, sizeof(rec.daddr));
+	rec.sport = t->src.u.all;
 	if (rec.proto == IPPROTO_ICMP || rec.proto == IPPROTO_ICMPV6) {
-		rec.icmp_type = t.dst.u.icmp.type;
-		rec.icmp_code = t.dst.u.icmp.code;
+		rec.icmp_type = t->dst.u.icmp.type;
+		rec.icmp_code = t->dst.u.icmp.code;
 	} else {
-		rec.dport = t.dst.u.all;
+		rec.dport = t->dst.u.all;
 	}
 	rec.family = l3num;
 	rec.zone = zone;
@@ -461,29 +517,28 @@ enum { ACT_KEEP, ACT_REMOVE };
  * an entry of another zone: never touch that one. */
 static __always_inline int ct_is_record(struct nf_conn *ct, const struct cti_record *r)
 {
+	/* ct is the lookup's trusted reference: plain (CO-RE relocated) loads */
 	const struct nf_conntrack_tuple *t = &ct->tuplehash[0].tuple;
-	struct nf_conntrack_zone z = {};
-	unsigned int a[4] = {}, diff;
-	__u16 sp = 0, dp = 0;
-	__u8 dir;
-	long err = 0;
+	const __u32 *sa = (const __u32 *)&t->src.u3, *da = (const __u32 *)&t->dst.u3;
+	__u16 zid = 0;
+	__u8 dir = 0;
+	unsigned int diff;
 
-	if (bpf_core_field_exists(ct->zone))
-		bpf_core_read(&z, sizeof(z), &ct->zone);
-	err |= bpf_core_read(&sp, sizeof(sp), &t->src.u.all);
-	err |= bpf_core_read(&dp, sizeof(dp), &t->dst.u.all);
-	dir = z.dir & CTI_ZONE_DIR_BOTH;
+	if (bpf_core_field_exists(ct->zone)) {
+		zid = ct->zone.id;
+		dir = ct->zone.dir;
+	}
+	dir &= CTI_ZONE_DIR_BOTH;
 	dir |= (!dir) * CTI_ZONE_DIR_BOTH;
 	/* branch-free: the verifier walks this for every slot of a batch.
 	 * IPv4: the rest of both tuples' addresses is zero. */
-	diff = (z.id ^ r->zone) | (dir ^ r->zone_dir) | (sp ^ r->sport) | (dp ^ r->dport);
-	err |= bpf_core_read(a, sizeof(a), &t->src.u3);
-	diff |= (a[0] ^ r->saddr[0]) | (a[1] ^ r->saddr[1]) | (a[2] ^ r->saddr[2]) |
-		(a[3] ^ r->saddr[3]);
-	err |= bpf_core_read(a, sizeof(a), &t->dst.u3);
-	diff |= (a[0] ^ r->daddr[0]) | (a[1] ^ r->daddr[1]) | (a[2] ^ r->daddr[2]) |
-		(a[3] ^ r->daddr[3]);
-	return (err | diff) == 0;
+	diff = (zid ^ r->zone) | (dir ^ r->zone_dir) | (t->src.u.all ^ r->sport) |
+	       (t->dst.u.all ^ r->dport);
+	diff |= (sa[0] ^ r->saddr[0]) | (sa[1] ^ r->saddr[1]) | (sa[2] ^ r->saddr[2]) |
+		(sa[3] ^ r->saddr[3]);
+	diff |= (da[0] ^ r->daddr[0]) | (da[1] ^ r->daddr[1]) | (da[2] ^ r->daddr[2]) |
+		(da[3] ^ r->daddr[3]);
+	return diff == 0;
 }
 
 static long reap_one(__u64 idx, void *data)
