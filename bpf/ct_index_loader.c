@@ -69,6 +69,7 @@ struct cti {
 	int fd_records, fd_zones, fd_stats, fd_meta, fd_expired, fd_reap;
 	int own_fds;
 	long long max_records;
+	int preallocated;	/* the record map has no BPF_F_NO_PREALLOC */
 	char dir[PATH_MAX - 32];
 };
 
@@ -105,6 +106,11 @@ static int cti_libbpf_print(enum libbpf_print_level lvl, const char *fmt,
 	}
 	free(msg);
 	return 0;
+}
+
+int cti_preallocated(struct cti *c)
+{
+	return c->preallocated;
 }
 
 long long cti_max_records(struct cti *c)
@@ -202,7 +208,7 @@ static int reap_pin_path(const struct cti *c, char *buf, size_t len)
  * loaded them. Only if the links are pinned too (the index is attached) and
  * the pinned reaper uses exactly these maps. -ERANGE: another size was
  * asked for; any other error: load the object instead. */
-static int open_pinned(struct cti *c, unsigned int max_records)
+static int open_pinned(struct cti *c, unsigned int max_records, unsigned int flags)
 {
 	struct bpf_prog_info pinfo;
 	struct bpf_map_info minfo;
@@ -237,8 +243,10 @@ static int open_pinned(struct cti *c, unsigned int max_records)
 		if (bpf_obj_get_info_by_fd(*map_fd_slot(c, i), &minfo, &len))
 			return -errno;
 		ids[i] = minfo.id;
-		if (i == 0)
+		if (i == 0) {
 			c->max_records = minfo.max_entries;
+			c->preallocated = !(minfo.map_flags & BPF_F_NO_PREALLOC);
+		}
 	}
 	memset(&pinfo, 0, sizeof(pinfo));
 	pinfo.nr_map_ids = sizeof(prog_maps) / sizeof(prog_maps[0]);
@@ -258,7 +266,8 @@ static int open_pinned(struct cti *c, unsigned int max_records)
 	}
 	if ((mask & 3) != 3)
 		return -ESTALE;
-	if (max_records && c->max_records != max_records)
+	if ((max_records && c->max_records != max_records) ||
+	    ((flags & CTI_OPEN_PREALLOC) && !c->preallocated))
 		return -ERANGE;
 	return 0;
 }
@@ -306,7 +315,8 @@ static int pin_reaper(struct cti *c)
 	return 0;
 }
 
-int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
+int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
+	     struct cti **out)
 {
 	struct bpf_map *map;
 	struct cti *c;
@@ -332,7 +342,11 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 	err = cti_check_dir(c->dir);
 	if (err)
 		goto cleanup;
-	err = open_pinned(c, max_records);
+	if (flags & ~CTI_OPEN_PREALLOC) {
+		err = -EINVAL;
+		goto cleanup;
+	}
+	err = open_pinned(c, max_records, flags);
 	if (!err || err == -ERANGE) {
 		if (err)
 			goto cleanup;
@@ -355,6 +369,9 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 	if (!err && max_records)
 		err = bpf_map__set_max_entries(c->skel->maps.cti_records,
 					       max_records);
+	if (!err && (flags & CTI_OPEN_PREALLOC))
+		err = bpf_map__set_map_flags(c->skel->maps.cti_records,
+			bpf_map__map_flags(c->skel->maps.cti_records) & ~BPF_F_NO_PREALLOC);
 	if (err)
 		goto cleanup;
 	bpf_object__for_each_map(map, c->skel->obj) {
@@ -364,7 +381,8 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 		if (err)
 			goto cleanup;
 	}
-	/* reopening: adopt the pinned record map's size; another size is an error */
+	/* reopening: adopt the pinned record map's size and layout; another size,
+	 * or preallocation asked of an on-demand map, is an error */
 	{
 		struct bpf_map_info info;
 		__u32 len = sizeof(info);
@@ -376,11 +394,16 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 			memset(&info, 0, sizeof(info));
 			err = bpf_obj_get_info_by_fd(fd, &info, &len);
 			close(fd);
-			if (!err && max_records && info.max_entries != max_records)
-				err = -ERANGE; /* attached with another size */
+			if (!err && ((max_records && info.max_entries != max_records) ||
+				     ((flags & CTI_OPEN_PREALLOC) &&
+				      (info.map_flags & BPF_F_NO_PREALLOC))))
+				err = -ERANGE; /* attached with another size or layout */
 			else if (!err)
 				err = bpf_map__set_max_entries(
 					c->skel->maps.cti_records, info.max_entries);
+			if (!err)
+				err = bpf_map__set_map_flags(c->skel->maps.cti_records,
+							     info.map_flags);
 			if (err)
 				goto cleanup;
 		}
@@ -396,6 +419,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out)
 	c->fd_expired = bpf_map__fd(c->skel->maps.cti_expired);
 	c->fd_reap = bpf_program__fd(c->skel->progs.cti_reap);
 	c->max_records = bpf_map__max_entries(c->skel->maps.cti_records);
+	c->preallocated = !(bpf_map__map_flags(c->skel->maps.cti_records) & BPF_F_NO_PREALLOC);
 	err = pin_reaper(c);
 	if (err)
 		goto cleanup;

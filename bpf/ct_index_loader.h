@@ -36,9 +36,15 @@ struct cti_reap_result {
  * Load the programs. Maps are pinned in pin_dir (created with mode 0700; an
  * existing one must be a root-owned 0700 directory, not a symlink); pinned
  * maps found there are reused.  max_records = 0 uses the default, or the
- * pinned size; another size than the pinned one is -ERANGE.
+ * pinned size; another size than the pinned one is -ERANGE.  flags:
+ * CTI_OPEN_PREALLOC creates the record map with all its memory up front
+ * (cheaper inserts and deletes on the packet path); pinned maps keep the
+ * layout they were made with, and asking a pinned on-demand map for
+ * CTI_OPEN_PREALLOC is -ERANGE.
  */
-int cti_open(const char *pin_dir, unsigned int max_records, struct cti **out);
+#define CTI_OPEN_PREALLOC 1
+int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
+	     struct cti **out);
 /* Close fds. Pinned maps and links stay (and keep recording). */
 void cti_close(struct cti *c);
 /*
@@ -91,6 +97,9 @@ int cti_zone_records(struct cti *c, unsigned int zone, struct cti_record *buf,
 		     unsigned int n);
 /* Capacity of the record map. */
 long long cti_max_records(struct cti *c);
+/* 1 if the record map holds its memory up front (CTI_OPEN_PREALLOC), 0 if it
+ * allocates per record. */
+int cti_preallocated(struct cti *c);
 const char *cti_last_log(void);
 /* 0 if dir is a real directory (no symlink) owned by us with mode 0700;
  * -ENOTDIR / -EPERM otherwise. */

@@ -310,9 +310,10 @@ class IndexHandle(_Owned):
 
     what = "index handle"
 
-    def __init__(self, pin_dir: str, max_records: int = 0) -> None:
+    def __init__(self, pin_dir: str, max_records: int = 0, preallocate: bool = False) -> None:
         out = ffi.new("struct cti **")
-        rc = lib.cti_open(pin_dir.encode(), max_records, out)
+        rc = lib.cti_open(pin_dir.encode(), max_records,
+                          lib.CTI_OPEN_PREALLOC if preallocate else 0, out)
         if rc < 0:
             err = from_errno(rc, "cti_open")
             log = index_log()
@@ -361,6 +362,9 @@ class IndexHandle(_Owned):
 
     def max_records(self) -> int:
         return check(lib.cti_max_records(self.raw), "cti_max_records")
+
+    def preallocated(self) -> bool:
+        return bool(lib.cti_preallocated(self.raw))
 
     def expired_recent(self) -> int:
         return check(lib.cti_expired_recent(self.raw), "cti_expired_recent")

@@ -569,11 +569,15 @@ class Conntrack:
                     ("an Open vSwitch", "could not", "nftables bridge", "tc act_ct")):
                 ix.resync_all(self._h())  # the unseen entries are recorded now
 
-    def attach_index(self, max_records: int = 0) -> "index_mod.AttachResult":
+    def attach_index(self, max_records: int = 0,
+                     preallocate: bool = False) -> "index_mod.AttachResult":
         """Attach the eBPF zone index to this namespace (idempotent); one walk
-        records the entries that already exist. Raises KernelUnsupported with
-        the reason where the kernel does not allow it, PermissionDenied where
-        the caller's privileges do not."""
+        records the entries that already exist. ``preallocate`` takes the
+        record map's whole memory at attach (``index status`` states it)
+        for a cheaper hook on every new connection; by default memory follows
+        the records. Raises KernelUnsupported with the reason where the kernel
+        does not allow it, PermissionDenied where the caller's privileges do
+        not."""
         caps = self.capabilities()
         if not caps.netfilter_bpf:
             cls = PermissionDenied if index_mod.refused_for_privileges(caps.index_error) \
@@ -581,17 +585,21 @@ class Conntrack:
             raise cls(f"eBPF zone index unavailable: {caps.index_error}", 1, "index")
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
             raise InvalidFilter(f"max_records must be a non-negative int, not {max_records!r}")
+        if not isinstance(preallocate, bool):
+            raise InvalidFilter(f"preallocate must be a bool, not {preallocate!r}")
         index_mod.gc()
         with self._lock:
-            if self._zone_index is not None and max_records \
-                    and max_records != self._zone_index.max_records():
+            if self._zone_index is not None and (
+                    (max_records and max_records != self._zone_index.max_records())
+                    or (preallocate and not self._zone_index.preallocated())):
                 raise ConntrackError(
-                    "the index of this namespace is attached with another --max-records; "
-                    "detach it first to change its size", 34, "attach")
+                    "the index of this namespace is attached with another --max-records "
+                    "or without --preallocate; detach it first to change them", 34, "attach")
             if self._zone_index is None:
                 self._zone_index = index_mod.ZoneIndex(
                     self._path, self.netns, max_records, caps.zoned_kfuncs, create=True,
-                    known=(caps.netfilter_bpf, caps.zoned_kfuncs, caps.index_error))
+                    known=(caps.netfilter_bpf, caps.zoned_kfuncs, caps.index_error),
+                    preallocate=preallocate)
             return self._zone_index.attach(self._h(), _kflags(caps))
 
     def detach_index(self) -> bool:

@@ -50,8 +50,11 @@ MAX_ZONES = 65536
 # Measured on 6.18: a record is a 104-byte hash element served from
 # kmalloc-128 (~136 B with allocator overhead), plus 16 B per hash bucket
 # (buckets = max_records rounded up to a power of two), plus the 3 MiB
-# per-zone table (72 B per zone).
+# per-zone table (72 B per zone). A preallocated map (--preallocate) holds
+# max_records elements of 112 B (the 48 B element header, key, record) from
+# the start.
 BYTES_PER_RECORD = 136
+BYTES_PER_PREALLOCATED_RECORD = 112
 BYTES_PER_BUCKET = 16
 ZONE_TABLE_BYTES = MAX_ZONES * 72
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -366,7 +369,8 @@ class ZoneIndex:
 
     def __init__(self, netns_path: Optional[str], netns_label: Optional[str],
                  max_records: int = 0, zoned_kfuncs: Optional[bool] = None,
-                 create: bool = False, known: Optional[tuple] = None) -> None:
+                 create: bool = False, known: Optional[tuple] = None,
+                 preallocate: bool = False) -> None:
         # known: availability() as the capability probe found it (saves a program load)
         ok, zoned, reason = known if known is not None else availability()
         if not ok:
@@ -390,14 +394,15 @@ class ZoneIndex:
             if create and not existed and not max_records:
                 max_records = default_max_records()
             try:
-                self._ix = ll.IndexHandle(self.dir, max_records)
+                self._ix = ll.IndexHandle(self.dir, max_records, preallocate and create)
             except ConntrackError as exc:
                 if not existed:
                     self._remove_dir()
                 if exc.errno == errno.ERANGE:
                     raise ConntrackError(
-                        "the index of this namespace is attached with another --max-records; "
-                        "detach it first to change its size", errno.ERANGE, "attach") from None
+                        "the index of this namespace is attached with another --max-records "
+                        "or without --preallocate; detach it first to change them",
+                        errno.ERANGE, "attach") from None
                 raise
         self._set_netns(attach=False)
 
@@ -474,6 +479,9 @@ class ZoneIndex:
     def max_records(self) -> int:
         return self._ix.max_records()
 
+    def preallocated(self) -> bool:
+        return self._ix.preallocated()
+
     def dirty(self, zone: int) -> int:
         """Records lost in this zone since its last resync (0: complete)."""
         return self._ix.zone_stats(zone)["failed"]
@@ -536,6 +544,13 @@ class ZoneIndex:
         records = self.live_records()
         max_records = self._ix.max_records()
         buckets = 1 << max(0, (max_records - 1).bit_length()) if max_records else 0
+        preallocated = self._ix.preallocated()
+        fixed = buckets * BYTES_PER_BUCKET + ZONE_TABLE_BYTES
+        if preallocated:
+            memory = memory_max = max_records * BYTES_PER_PREALLOCATED_RECORD + fixed
+        else:
+            memory = records * BYTES_PER_RECORD + fixed
+            memory_max = max_records * BYTES_PER_RECORD + fixed
         return {
             "attached": all(os.path.exists(os.path.join(self.dir, n)) for n in LINK_PINS),
             "pin_dir": self.dir,
@@ -544,11 +559,11 @@ class ZoneIndex:
             "dirty_zones": sorted(z for z, v in zones.items() if v["dirty"]),
             "records": records,
             "max_records": max_records,
-            "memory_bytes": records * BYTES_PER_RECORD + buckets * BYTES_PER_BUCKET
-            + ZONE_TABLE_BYTES,
-            "memory_max_bytes": max_records * BYTES_PER_RECORD + buckets * BYTES_PER_BUCKET
-            + ZONE_TABLE_BYTES,
-            "bytes_per_record": BYTES_PER_RECORD,
+            "preallocated": preallocated,
+            "memory_bytes": memory,
+            "memory_max_bytes": memory_max,
+            "bytes_per_record": BYTES_PER_PREALLOCATED_RECORD if preallocated
+            else BYTES_PER_RECORD,
             "hook_stats": self._ix.stats(),
         }
 

@@ -17,7 +17,11 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--pin-dir", help="detach: the index's pin directory (when its "
                    "namespace's name is gone)")
     p.add_argument("--max-records", type=int, default=0,
-                   help="attach: record capacity (default 262144; memory ~136 B/record)")
+                   help="attach: record capacity (default: nf_conntrack_max + 25%%; "
+                   "memory ~136 B per record stored)")
+    p.add_argument("--preallocate", action="store_true",
+                   help="attach: take the record map's memory up front (112 B x capacity) "
+                   "for a cheaper hook on every new connection")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
 
@@ -57,7 +61,7 @@ def run(args) -> int:
         return 0
     with Conntrack(args.netns) as ct:
         if args.action == "attach":
-            r = ct.attach_index(max_records=args.max_records)
+            r = ct.attach_index(max_records=args.max_records, preallocate=args.preallocate)
             _print({"attached": True, "already_attached": r.already_attached,
                     "pin_dir": r.pin_dir, "seeded": r.seeded, "lost": r.lost}, args.json)
         elif args.action == "detach":

@@ -213,9 +213,11 @@ def test_index_figures_are_judged_against_their_targets():
     from pyconntrack.bench import index_bench
     result = {"churn": {"index_share": 7 / 8, "zones": 8, "entries_left": 0},
               "setup_rate": {"ratio": 0.96, "established_ratio": 0.985},
+              "setup_rate_preallocated": {"ratio": 0.94, "established_ratio": 0.99},
               "attach": {"entries": 1_000_000, "attach_s": 1.2, "walk_s": 0.9}}
     verdicts = {t["id"]: t["met"] for t in index_bench.evaluate(result)}
-    assert verdicts == {"I1": "NOT met", "I2": "met", "I3": "NOT met", "I4": "met"}
+    assert verdicts == {"I1": "NOT met", "I2": "met", "I2p": "NOT met", "I3": "NOT met",
+                        "I4": "met"}
     result["churn"]["index_share"] = 1.0
     result["churn"]["entries_left"] = 3            # served, but something was left
     result["attach"]["entries"] = 20_000           # quick: not a 1M figure
@@ -241,11 +243,14 @@ def test_index_figures_quick(tmp_path):
     out = json.loads(p.stdout)
     assert out["churn"]["entries_left"] == 0
     assert 0 < out["setup_rate"]["ratio"] and 0 < out["setup_rate"]["established_ratio"]
+    assert out["setup_rate_preallocated"]["preallocated"] is True
+    assert 0 < out["setup_rate_preallocated"]["ratio"]
     assert out["attach"]["attach_s"] > 0
     assert all(out["attach"][k] > 0 for k in ("raw_dump_s", "open_from_pins_ms",
                                               "load_object_ms", "pre_delete_check_ms"))
     assert out["hook_cost"]["new_flow_ns"] > out["hook_cost"]["existing_flow_packet_ns"] > 0
+    assert out["hook_cost"]["preallocated_new_flow_ns"] > out["hook_cost"]["existing_flow_packet_ns"]
     with open("/proc/sys/kernel/bpf_stats_enabled") as f:
         assert f.read().strip() == stats_before        # restored
-    assert [t["id"] for t in out["targets"]] == ["I1", "I2", "I3", "I4"]
-    assert (tmp_path / "index.md").read_text().count("| I") == 4
+    assert [t["id"] for t in out["targets"]] == ["I1", "I2", "I2p", "I3", "I4"]
+    assert (tmp_path / "index.md").read_text().count("| I") == 5

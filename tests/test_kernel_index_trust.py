@@ -493,6 +493,51 @@ def test_status_counts_records_that_exist(topo, host):
     assert status["memory_bytes"] > 0 and status["memory_max_bytes"] >= status["memory_bytes"]
 
 
+def _record_map_flags(pin_dir):
+    """The kernel's own view of the record map (bpftool), not ours."""
+    out = subprocess.run(["bpftool", "-j", "map", "show", "pinned",
+                          os.path.join(pin_dir, "cti_records")],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["flags"]
+
+
+BPF_F_NO_PREALLOC = 1
+
+
+def test_preallocated_index_serves_deletes_and_states_its_memory(topo, host):
+    ns = topo.host_netns
+    r = cli("index", "attach", "--netns", ns, "--max-records", "4096", "--preallocate",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    pin_dir = json.loads(r.stdout)["pin_dir"]
+    assert _record_map_flags(pin_dir) & BPF_F_NO_PREALLOC == 0
+    topo.send("udp", 4, 5, 300)
+    topo.send("udp", 4, 6, 100)
+    status = host.index_status()
+    assert status["preallocated"] is True and status["records"] == 400
+    # the whole map from the start: 4096 elements, 4096 buckets, the zone table
+    assert status["memory_bytes"] == status["memory_max_bytes"] \
+        == 4096 * 112 + 4096 * 16 + 65536 * 72
+    res = host.delete(Filter(zone=5))
+    assert res.strategy == "index" and res.deleted == 300, res
+    assert listed(ns, 5) == [] and len(listed(ns, 6)) == 100   # conntrack-tools
+    assert host.index_audit()["missing"] == 0
+    assert host.attach_index().already_attached               # reopened as it is
+    assert host.index_status()["preallocated"] is True
+
+
+def test_default_index_allocates_per_record_and_refuses_preallocate_attached(topo, host):
+    r = host.attach_index(max_records=4096)
+    assert _record_map_flags(r.pin_dir) & BPF_F_NO_PREALLOC
+    topo.send("udp", 4, 5, 100)
+    status = host.index_status()
+    assert status["preallocated"] is False and status["memory_bytes"] < status["memory_max_bytes"]
+    with pytest.raises(ConntrackError, match="without --preallocate"):
+        host.attach_index(preallocate=True)
+    r = cli("index", "attach", "--netns", topo.host_netns, "--preallocate")
+    assert r.returncode != 0 and "without --preallocate" in r.stderr, r.stderr
+
+
 def test_non_root_attach_exits_3(topo, nobody_cli):
     r = nobody_cli("index", "attach", "--netns", topo.host_netns)
     assert r.returncode == 3, (r.returncode, r.stderr)
@@ -500,11 +545,12 @@ def test_non_root_attach_exits_3(topo, nobody_cli):
 
 # -- issue 12: records of entries that end on their own are pruned ----------------------
 
-def test_hook_prunes_records_of_gone_entries(topo, host):
+@pytest.mark.parametrize("preallocate", [False, True])
+def test_hook_prunes_records_of_gone_entries(topo, host, preallocate):
     ns = topo.host_netns
     subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
                     "net.netfilter.nf_conntrack_udp_timeout=1"], check=True)
-    host.attach_index()
+    host.attach_index(preallocate=preallocate)
     topo.send("udp", 4, 5, 2000)
     assert host.index_status()["zones"][5]["records"] == 2000
     import time
