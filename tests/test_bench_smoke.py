@@ -189,6 +189,25 @@ def test_without_pyroute2_the_peer_says_which_extra():
                                             "pip install 'pyconntrack[bench]'")
 
 
+def test_a_pyroute2_that_cannot_dump_a_zone_skips_the_peer_saying_why():
+    """Debian 12's pyroute2 0.7.2: dump_entries has no zone (its entries no
+    zone either): the peer is skipped with the version, not run and wrong."""
+    code = ("import sys, types\n"
+            "fake = types.ModuleType('pyroute2'); fake.__version__ = '0.7.2'\n"
+            "class Conntrack:\n"
+            "    def dump_entries(self, mark=None, mark_mask=0xFFFFFFFF, tuple_orig=None,\n"
+            "                     tuple_reply=None): pass\n"
+            "fake.Conntrack = Conntrack; sys.modules['pyroute2'] = fake\n"
+            "from pyconntrack.bench import peers\n"
+            "print(peers.pyroute2_unusable())\n"
+            "peers.Pyroute2Cleaner()\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 1
+    why = "pyroute2 0.7.2 cannot dump a zone (0.9.5 can): pip install 'pyconntrack[bench]'"
+    assert p.stdout.strip() == why
+    assert p.stderr.strip().splitlines()[-1] == f"ImportError: {why}"
+
+
 def test_startup_targets_from_a_result():
     fig = lambda t, ratio=None, base=None: {  # noqa: E731
         "median_s": t, "min_s": t, "max_s": t, "seconds": [t],

@@ -47,7 +47,7 @@ from ..conntrack import Conntrack
 from ..errors import ConntrackError, InvalidFilter
 from ..filter import Filter
 from .progress import Progress
-from .peers import EXTRA_HINT, PYROUTE2_MISSING
+from .peers import EXTRA_HINT, pyroute2_unusable
 
 SYSCTL_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
 SYSCTL_BUCKETS = "/proc/sys/net/netfilter/nf_conntrack_buckets"
@@ -1369,12 +1369,11 @@ def run(args) -> int:
         for m in methods:
             if m.id.startswith(("conntrack-tools", "neutron")):
                 m.skip = "conntrack-tools not installed"
-    try:
-        import pyroute2  # noqa: F401
-    except ImportError:
+    pyroute2_skip = pyroute2_unusable()
+    if pyroute2_skip:
         for m in methods:
             if m.id.startswith("pyroute2"):
-                m.skip = PYROUTE2_MISSING
+                m.skip = pyroute2_skip
     if args.out and not args.no_plot and plot_unavailable():
         # said before a run of minutes, and again when the files are written
         sys.stderr.write(f"pyconntrack bench: the plot will be skipped ({plot_unavailable()})\n")

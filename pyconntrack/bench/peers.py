@@ -50,6 +50,22 @@ EXTRA_HINT = "pip install 'pyconntrack[bench]'"
 PYROUTE2_MISSING = f"pyroute2 is needed for this peer: {EXTRA_HINT}"
 
 
+def pyroute2_unusable() -> Optional[str]:
+    """Why the pyroute2 peer cannot run here (None: it can). It dumps a
+    zone, which pyroute2 does from 0.9.5 (Debian 12 ships 0.7.2, whose
+    entries carry no zone at all)."""
+    try:
+        import inspect
+        import pyroute2
+        from pyroute2 import Conntrack
+    except ImportError:
+        return PYROUTE2_MISSING
+    if "zone" not in inspect.signature(Conntrack.dump_entries).parameters:
+        return (f"pyroute2 {getattr(pyroute2, '__version__', '?')} cannot dump a zone "
+                f"(0.9.5 can): {EXTRA_HINT}")
+    return None
+
+
 def enter_netns(name: str) -> None:
     """setns(2) into /var/run/netns/NAME (Python 3.11 has no os.setns)."""
     path = name if name.startswith("/") else os.path.join("/var/run/netns", name)
@@ -143,10 +159,10 @@ class Pyroute2Cleaner:
     """What a pyroute2 user writes: dump with zone, delete each entry with zone."""
 
     def __init__(self) -> None:
-        try:
-            from pyroute2 import Conntrack
-        except ImportError:
-            raise ImportError(PYROUTE2_MISSING) from None
+        why = pyroute2_unusable()
+        if why:
+            raise ImportError(why)
+        from pyroute2 import Conntrack
         # pyroute2 defaults to nfgen_family=AF_INET (IPv4 only): one socket per family
         self.sockets = [Conntrack(nfgen_family=socket.AF_INET),
                         Conntrack(nfgen_family=socket.AF_INET6)]
@@ -156,8 +172,9 @@ class Pyroute2Cleaner:
         for ct in self.sockets:
             entries = list(ct.dump_entries(zone=zone))
             for e in entries:
-                # the kernel filtered by zone (6.8+); pyroute2 does not re-check it
-                if e.zone is not None and e.zone != zone:
+                # the kernel filtered by zone (6.8+); pyroute2 does not re-check
+                # it. An entry without a zone is zone 0.
+                if (getattr(e, "zone", None) or 0) != zone:
                     continue
                 if pairs is not None and (str(e.tuple_orig.saddr),
                                           str(e.tuple_orig.daddr)) not in pairs:
@@ -170,6 +187,8 @@ class Pyroute2Cleaner:
         """Conntrack.delete(entry) on an entry of ``zone``: what happens."""
         for ct in self.sockets:
             for e in ct.dump_entries(zone=zone):
+                if (getattr(e, "zone", None) or 0) != zone:
+                    continue
                 try:
                     ct.delete(e)
                 except Exception as exc:  # NetlinkError(2) expected
