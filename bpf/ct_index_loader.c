@@ -532,31 +532,43 @@ int cti_detach(struct cti *c)
 	return err;
 }
 
-int cti_unpin(struct cti *c)
+int cti_remove_pins(const char *dir)
 {
 	char path[PATH_MAX];
 	struct dirent *e;
-	int err = 0, i;
+	int err = 0, i, n;
 	DIR *d;
 
-	for (i = 0; i < CTI_NMAPS; i++) {
-		if (pin_path(c, cti_map_pins[i], path, sizeof(path)))
+	/* links first: that unhooks the programs and lets the namespace go */
+	for (i = 0; i < CTI_NLINKS + CTI_NMAPS; i++) {
+		const char *name = i < CTI_NLINKS ? cti_hooks[i].name
+						  : cti_map_pins[i - CTI_NLINKS];
+
+		n = snprintf(path, sizeof(path), "%s/%s", dir, name);
+		if (n < 0 || (size_t)n >= sizeof(path))
 			return -ENAMETOOLONG;
 		if (unlink(path) && errno != ENOENT && !err)
 			err = -errno;
 	}
-	d = opendir(c->dir);
+	d = opendir(dir);
 	while (d && (e = readdir(d))) {
-		if (!strncmp(e->d_name, REAP_PIN_PREFIX, strlen(REAP_PIN_PREFIX)) &&
-		    !pin_path(c, e->d_name, path, sizeof(path)) && unlink(path) &&
-		    errno != ENOENT && !err)
+		if (strncmp(e->d_name, REAP_PIN_PREFIX, strlen(REAP_PIN_PREFIX)))
+			continue;
+		n = snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+		if (n >= 0 && (size_t)n < sizeof(path) && unlink(path) && errno != ENOENT &&
+		    !err)
 			err = -errno;
 	}
 	if (d)
 		closedir(d);
-	if (!err && rmdir(c->dir) && errno != ENOENT)
+	if (!err && rmdir(dir) && errno != ENOENT)
 		err = -errno;
 	return err;
+}
+
+int cti_unpin(struct cti *c)
+{
+	return cti_remove_pins(c->dir);
 }
 
 /* Run the reaper on a request: its arguments, then size - sizeof(args) bytes

@@ -59,6 +59,10 @@ int cti_set_netns(struct cti *c, int netns_fd);
 int cti_detach(struct cti *c);
 /* Remove the pinned maps (after cti_detach). */
 int cti_unpin(struct cti *c);
+/* Remove every pin the loader makes in dir (links first, then the maps and
+ * reaper pins) and dir itself; missing pins are fine. For the index of a
+ * namespace that is gone, which cannot be opened. */
+int cti_remove_pins(const char *dir);
 
 /*
  * Expire every recorded TCP/UDP entry of zone matching filter (NULL: all),

@@ -301,6 +301,13 @@ def index_probe() -> tuple:
     return bool(nf[0]), bool(zk[0]), -rc if rc < 0 else 0
 
 
+def remove_index_pins(pin_dir: str) -> None:
+    """Unpin everything the index loader pins in one namespace's directory
+    (links first), then the directory: for an index that cannot be opened
+    (its namespace is gone)."""
+    check(lib.cti_remove_pins(pin_dir.encode()), "cti_remove_pins")
+
+
 def index_log() -> str:
     return ffi.string(lib.cti_last_log()).decode(errors="replace").strip()
 

@@ -41,7 +41,6 @@ PIN_ROOT = os.path.join(BPFFS, "pyconntrack")
 # Tests may point the pin root elsewhere (a directory inside a bpffs).
 PIN_ROOT_ENV = "PYCONNTRACK_PIN_ROOT"
 LINK_PINS = ("link_ip4_pre", "link_ip4_out", "link_ip6_pre", "link_ip6_out")
-MAP_PINS = ("cti_records", "cti_zones", "cti_stats", "cti_meta", "cti_expired")
 # the reaper program, pinned per build of the BPF object (bpf/ct_index_loader.c):
 # opening an attached index then loads and verifies nothing
 REAPER_PIN_PREFIX = "prog_reap_"
@@ -287,18 +286,14 @@ def _live_netns_inodes() -> set:
 
 def _remove_pins(d: str) -> None:
     """Unpin everything in one namespace's pin directory (links first: that
-    unhooks the programs and lets the namespace go), then the directory."""
-    reapers = []
+    unhooks the programs and lets the namespace go), then the directory. The
+    loader keeps the one list of its pin names. Raises OSError, as the
+    callers expect of a directory that cannot be emptied."""
     try:
-        reapers = [n for n in os.listdir(d) if n.startswith(REAPER_PIN_PREFIX)]
-    except FileNotFoundError:
-        pass
-    for name in LINK_PINS + MAP_PINS + tuple(reapers):
-        try:
-            os.unlink(os.path.join(d, name))
-        except FileNotFoundError:
-            pass
-    os.rmdir(d)
+        ll.remove_index_pins(d)
+    except ConntrackError as exc:
+        raise OSError(exc.errno or errno.EIO, f"cannot remove the index pins in {d}: {exc}") \
+            from None
 
 
 def gc() -> List[str]:
