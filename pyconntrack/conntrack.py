@@ -554,9 +554,11 @@ class Conntrack:
             if refusal:
                 return IndexState(attached=True, refusal=refusal)
             z = ix.zone(f.zone)
+            seen: dict = {}
+            blind = ix.blind_spot(self._h(), seen)
+            count = seen["table_count"] if "table_count" in seen else ll.table_count(self._h())
             return IndexState(attached=True, refusal="", dirty=z["failed"], window=z["window"],
-                              table_slots=_buckets() + ll.table_count(self._h()),
-                              blind=ix.blind_spot(self._h()))
+                              table_slots=_buckets() + count, blind=blind)
 
     def _resync(self, zone: int, plan: Plan, state: IndexState) -> None:
         with self._lock:

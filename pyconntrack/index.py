@@ -485,10 +485,12 @@ class ZoneIndex:
         st = self._ix.stats()
         return st["recorded"] + st["seeded"] - st["removed"]
 
-    def blind_spot(self, handle: "ll.Handle") -> str:
+    def blind_spot(self, handle: "ll.Handle", seen: Optional[dict] = None) -> str:
         """Why the index cannot vouch for any zone right now ('' if it can):
         creators the hooks do not see may have made entries. No walk: a few
-        netlink messages and map reads."""
+        netlink messages and map reads. The table count it read last, if it
+        read one, goes into ``seen["table_count"]`` (a delete plans with it
+        too: one netlink round trip fewer)."""
         spots = ll.index_blind_spots(handle, self.netns_path)
         if spots["ovs_datapaths"] > 0:
             return ("an Open vSwitch kernel datapath in this namespace creates entries "
@@ -512,6 +514,8 @@ class ZoneIndex:
         excess = 0
         for attempt in range(5):
             count, live = ll.table_count(handle), self.live_records()
+            if seen is not None:
+                seen["table_count"] = count
             expired = self._ix.expired_recent() if count > live else 0
             excess = count - live - expired
             if excess <= 0:

@@ -589,3 +589,16 @@ def test_hook_prunes_records_of_expired_entries_before_the_gc_frees_them(topo, h
     assert res.strategy == "index", res.reason
     assert listed(ns, 5) == []        # conntrack-tools: nothing of the zone is left
     assert host.index_audit()["missing"] == 0
+
+
+def test_an_index_delete_reads_the_table_count_once(topo, host, monkeypatch):
+    """The plan and the blind-spot check share one read of the table count."""
+    from pyconntrack import _lowlevel as ll
+    host.attach_index()
+    topo.send("udp", 4, 5, 50)
+    reads = []
+    real = ll.table_count
+    monkeypatch.setattr(ll, "table_count", lambda h: reads.append(1) or real(h))
+    res = host.delete(Filter(zone=5))
+    assert res.strategy == "index" and res.deleted == 50, res
+    assert len(reads) == 1
