@@ -228,6 +228,24 @@ def refused_for_privileges(reason: str) -> bool:
     return "CAP_BPF" in reason
 
 
+def preallocation_bytes(max_records: int) -> int:
+    """What ``--preallocate`` takes at attach: every element, and the buckets."""
+    buckets = 1 << max(0, (max_records - 1).bit_length()) if max_records else 0
+    return max_records * BYTES_PER_PREALLOCATED_RECORD + buckets * BYTES_PER_BUCKET
+
+
+def _mem_available() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes (None if unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def default_max_records() -> int:
     """Follow the kernel's table: nf_conntrack_max + 25 % (at least the
     historical default), so a full table fits."""
@@ -388,6 +406,15 @@ class ZoneIndex:
                 raise ConntrackError("no eBPF zone index attached", errno.ENOENT, "index")
             if create and not existed and not max_records:
                 max_records = default_max_records()
+            if create and not existed and preallocate:
+                need, avail = preallocation_bytes(max_records), _mem_available()
+                if avail is not None and need > avail // 2:
+                    raise ConntrackError(
+                        f"--preallocate would take {need / 2**20:.1f} MiB for {max_records} "
+                        f"records up front, more than half of the {avail / 2**20:.1f} MiB "
+                        "available; attach "
+                        "without it (memory then follows the records) or with a smaller "
+                        "--max-records", errno.ENOMEM, "attach")
             try:
                 self._ix = ll.IndexHandle(self.dir, max_records, preallocate and create)
             except ConntrackError as exc:

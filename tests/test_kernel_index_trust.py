@@ -602,3 +602,13 @@ def test_an_index_delete_reads_the_table_count_once(topo, host, monkeypatch):
     res = host.delete(Filter(zone=5))
     assert res.strategy == "index" and res.deleted == 50, res
     assert len(reads) == 1
+
+
+def test_preallocating_more_than_half_the_available_memory_is_refused(topo, host, monkeypatch):
+    monkeypatch.setattr(index_mod, "_mem_available", lambda: 1 << 19)   # 0.5 MiB left
+    with pytest.raises(ConntrackError, match=r"would take 0\.5 MiB for 4096 records up front, "
+                                             r"more than half of the 0\.5 MiB available") as exc:
+        host.attach_index(max_records=4096, preallocate=True)
+    assert exc.value.errno == 12
+    assert host.index_status()["attached"] is False            # nothing made
+    assert not host.attach_index(max_records=4096).already_attached   # on demand: fine
