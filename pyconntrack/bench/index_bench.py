@@ -92,6 +92,9 @@ def _existing_flow_packets(t: Topology, packets: int, i: int = 0) -> dict:
                   addresses=t.zone_addresses(5, 4, 1), reuse=True)
 
 
+SETTLE_S = 1.0
+
+
 def setup_rate(flows: int = 300_000, rounds: int = 7, preallocate: bool = False,
                packets: int = 500_000) -> dict:
     """New flows per second through the host namespace with and without the
@@ -121,6 +124,10 @@ def setup_rate(flows: int = 300_000, rounds: int = 7, preallocate: bool = False,
                         if attached:
                             ct.detach_index()
                         ct.delete(Filter(zone=5), strategy="walk")
+                        # the kernel frees what the run left (entries after an
+                        # RCU grace period, a detached map in a workqueue):
+                        # let it finish before the next run is timed
+                        time.sleep(SETTLE_S)
                     for attached in (True, False):
                         rates[attached].append(run[attached][0])
                         est[attached].append(run[attached][1])
