@@ -92,7 +92,27 @@ def _existing_flow_packets(t: Topology, packets: int, i: int = 0) -> dict:
                   addresses=t.zone_addresses(5, 4, 1), reuse=True)
 
 
-SETTLE_S = 1.0
+def _cpu_idle_share(interval: float = 0.5) -> float:
+    """Share of all CPUs' time spent idle over ``interval`` (/proc/stat)."""
+    def sample() -> tuple:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])      # idle + iowait, all but guest time
+    i0, t0 = sample()
+    time.sleep(interval)
+    i1, t1 = sample()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(idle: float = 0.9, timeout: float = 30.0) -> float:
+    """Wait until the machine is idle (the kernel has freed what the last run
+    left: entries after an RCU grace period, a detached map or a deleted
+    namespace in a workqueue) before a run is timed. Returns the seconds
+    waited (at most ``timeout``: a busy machine is measured anyway)."""
+    start = time.monotonic()
+    while _cpu_idle_share() < idle and time.monotonic() - start < timeout:
+        pass
+    return round(time.monotonic() - start, 1)
 
 
 def setup_rate(flows: int = 300_000, rounds: int = 7, preallocate: bool = False,
@@ -103,11 +123,14 @@ def setup_rate(flows: int = 300_000, rounds: int = 7, preallocate: bool = False,
     pairs, one run with and one without, the order swapped every pair (ABBA:
     a machine slowly getting busier or quieter favours neither); the ratio is
     the median of the pairs' ratios, so drift between pairs cancels too.
+    Every run starts on an idle machine (``wait_quiet``): the kernel frees
+    what the last run left in the background.
     ``preallocate``: the index attached with its record map's memory up
     front."""
     rates: dict = {True: [], False: []}
     est: dict = {True: [], False: []}
     pair_ratios, est_pair_ratios = [], []
+    waited = 0.0
     with Topology(zones=[5]) as t:
         with Conntrack(t.host_netns) as ct:
             try:
@@ -116,6 +139,7 @@ def setup_rate(flows: int = 300_000, rounds: int = 7, preallocate: bool = False,
                     for attached in ((False, True) if i % 2 == 0 else (True, False)):
                         if attached:
                             ct.attach_index(preallocate=preallocate)
+                        waited += wait_quiet()
                         r = _new_flows(t, flows, 2 * i + attached)
                         rate = r["sent"] / r["seconds"]
                         # a cheap path: measured over seconds, not a blip
@@ -124,10 +148,6 @@ def setup_rate(flows: int = 300_000, rounds: int = 7, preallocate: bool = False,
                         if attached:
                             ct.detach_index()
                         ct.delete(Filter(zone=5), strategy="walk")
-                        # the kernel frees what the run left (entries after an
-                        # RCU grace period, a detached map in a workqueue):
-                        # let it finish before the next run is timed
-                        time.sleep(SETTLE_S)
                     for attached in (True, False):
                         rates[attached].append(run[attached][0])
                         est[attached].append(run[attached][1])
@@ -143,7 +163,8 @@ def setup_rate(flows: int = 300_000, rounds: int = 7, preallocate: bool = False,
             "established_with_index_pps": round(med(est[True])),
             "established_without_pps": round(med(est[False])),
             "established_ratio": round(med(est_pair_ratios), 3),
-            "established_pair_ratios": [round(x, 3) for x in est_pair_ratios]}
+            "established_pair_ratios": [round(x, 3) for x in est_pair_ratios],
+            "waited_for_quiet_s": round(waited, 1)}
 
 
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
@@ -186,6 +207,7 @@ def hook_cost(flows: int = 100_000) -> dict:
                         ct.delete(Filter(zone=5), strategy="walk")
                     mode = preallocate
                     pin_dir = ct.attach_index(preallocate=preallocate).pin_dir
+                    wait_quiet()
                     c0, ns0 = _hook_runs(pin_dir)
                     send(t)
                     c1, ns1 = _hook_runs(pin_dir)
