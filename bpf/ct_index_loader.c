@@ -123,12 +123,17 @@ const char *cti_last_log(void)
 	return cti_log;
 }
 
+static int dir_path(const char *dir, const char *name, char *buf, size_t len)
+{
+	int n = snprintf(buf, len, "%s/%s", dir, name);
+
+	return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+}
+
 static int pin_path(const struct cti *c, const char *name, char *buf,
 		    size_t len)
 {
-	int n = snprintf(buf, len, "%s/%s", c->dir, name);
-
-	return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+	return dir_path(c->dir, name, buf, len);
 }
 
 /* enter netns_fd (if >= 0), remembering the current one in *old */
@@ -203,6 +208,15 @@ static int reap_pin_path(const struct cti *c, char *buf, size_t len)
 	return pin_path(c, name, buf, len);
 }
 
+/* Was the pinned record map made with another size (when one is asked for),
+ * or on demand when preallocation is asked for? */
+static int other_layout(__u32 max_entries, __u32 map_flags, unsigned int max_records,
+			unsigned int flags)
+{
+	return (max_records && max_entries != max_records) ||
+	       ((flags & CTI_OPEN_PREALLOC) && (map_flags & BPF_F_NO_PREALLOC));
+}
+
 /* Open an attached index from its pins, without loading (and verifying) the
  * programs again: the pinned maps, and the reaper this build pinned when it
  * loaded them. Only if the links are pinned too (the index is attached) and
@@ -212,7 +226,7 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 {
 	struct bpf_prog_info pinfo;
 	struct bpf_map_info minfo;
-	__u32 prog_maps[8], ids[CTI_NMAPS], len;
+	__u32 prog_maps[8], ids[CTI_NMAPS], len, records_flags = 0;
 	char path[PATH_MAX];
 	unsigned int i, j, mask;
 	int err;
@@ -245,7 +259,8 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 		ids[i] = minfo.id;
 		if (i == 0) {
 			c->max_records = minfo.max_entries;
-			c->preallocated = !(minfo.map_flags & BPF_F_NO_PREALLOC);
+			records_flags = minfo.map_flags;
+			c->preallocated = !(records_flags & BPF_F_NO_PREALLOC);
 		}
 	}
 	memset(&pinfo, 0, sizeof(pinfo));
@@ -266,10 +281,7 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 	}
 	if ((mask & 3) != 3)
 		return -ESTALE;
-	if ((max_records && c->max_records != max_records) ||
-	    ((flags & CTI_OPEN_PREALLOC) && !c->preallocated))
-		return -ERANGE;
-	return 0;
+	return other_layout(c->max_records, records_flags, max_records, flags) ? -ERANGE : 0;
 }
 
 static void close_fds(struct cti *c)
@@ -394,9 +406,8 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 			memset(&info, 0, sizeof(info));
 			err = bpf_obj_get_info_by_fd(fd, &info, &len);
 			close(fd);
-			if (!err && ((max_records && info.max_entries != max_records) ||
-				     ((flags & CTI_OPEN_PREALLOC) &&
-				      (info.map_flags & BPF_F_NO_PREALLOC))))
+			if (!err && other_layout(info.max_entries, info.map_flags, max_records,
+						 flags))
 				err = -ERANGE; /* attached with another size or layout */
 			else if (!err)
 				err = bpf_map__set_max_entries(
@@ -536,7 +547,7 @@ int cti_remove_pins(const char *dir)
 {
 	char path[PATH_MAX];
 	struct dirent *e;
-	int err = 0, i, n;
+	int err = 0, i;
 	DIR *d;
 
 	/* links first: that unhooks the programs and lets the namespace go */
@@ -544,8 +555,7 @@ int cti_remove_pins(const char *dir)
 		const char *name = i < CTI_NLINKS ? cti_hooks[i].name
 						  : cti_map_pins[i - CTI_NLINKS];
 
-		n = snprintf(path, sizeof(path), "%s/%s", dir, name);
-		if (n < 0 || (size_t)n >= sizeof(path))
+		if (dir_path(dir, name, path, sizeof(path)))
 			return -ENAMETOOLONG;
 		if (unlink(path) && errno != ENOENT && !err)
 			err = -errno;
@@ -554,9 +564,8 @@ int cti_remove_pins(const char *dir)
 	while (d && (e = readdir(d))) {
 		if (strncmp(e->d_name, REAP_PIN_PREFIX, strlen(REAP_PIN_PREFIX)))
 			continue;
-		n = snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
-		if (n >= 0 && (size_t)n < sizeof(path) && unlink(path) && errno != ENOENT &&
-		    !err)
+		if (!dir_path(dir, e->d_name, path, sizeof(path)) && unlink(path) &&
+		    errno != ENOENT && !err)
 			err = -errno;
 	}
 	if (d)
@@ -591,6 +600,43 @@ static int run_reaper(struct cti *c, void *req, size_t size)
 	if (opts.retval != XDP_PASS || opts.data_size_out != size)
 		return -EIO;
 	return ((struct cti_reap_args *)req)->status;
+}
+
+/* Hand n items (records to add, slots to drop) to the reaper, at most
+ * max_batch per run behind the arguments. Returns the sum of the runs'
+ * .failed (records lost) or -errno. */
+static long long run_batches(struct cti *c, unsigned int op, unsigned int zone,
+			     const void *items, unsigned int n, size_t item_size,
+			     unsigned int max_batch)
+{
+	struct {
+		struct cti_reap_args a;
+		unsigned char items[CTI_ADD_MAX * sizeof(struct cti_record)];
+	} req;
+	long long failed = 0;
+	unsigned int done = 0;
+
+	_Static_assert(CTI_DROP_MAX * sizeof(unsigned long long) <= sizeof(req.items),
+		       "a drop batch fits the request");
+	if (zone >= CTI_MAX_ZONES || max_batch * item_size > sizeof(req.items))
+		return -EINVAL;
+	while (done < n) {
+		unsigned int k = n - done < max_batch ? n - done : max_batch;
+		int err;
+
+		memset(&req.a, 0, sizeof(req.a));
+		req.a.op = op;
+		req.a.zone = zone;
+		req.a.budget = k;
+		memcpy(req.items, (const unsigned char *)items + (size_t)done * item_size,
+		       k * item_size);
+		err = run_reaper(c, &req, sizeof(req.a) + k * item_size);
+		if (err)
+			return err;
+		failed += (long long)req.a.failed;
+		done += k;
+	}
+	return failed;
 }
 
 static int reap_loop(struct cti *c, unsigned int op, unsigned int zone,
@@ -686,31 +732,7 @@ long long cti_clear_dirty(struct cti *c, unsigned int zone, unsigned long long e
 long long cti_add_records(struct cti *c, unsigned int zone,
 			  const struct cti_record *recs, unsigned int n)
 {
-	struct {
-		struct cti_reap_args a;
-		struct cti_record r[CTI_ADD_MAX];
-	} req;
-	long long lost = 0;
-	unsigned int done = 0;
-
-	if (zone >= CTI_MAX_ZONES)
-		return -EINVAL;
-	while (done < n) {
-		unsigned int k = n - done < CTI_ADD_MAX ? n - done : CTI_ADD_MAX;
-		int err;
-
-		memset(&req.a, 0, sizeof(req.a));
-		req.a.op = CTI_OP_ADD;
-		req.a.zone = zone;
-		req.a.budget = k;
-		memcpy(req.r, recs + done, k * sizeof(req.r[0]));
-		err = run_reaper(c, &req, sizeof(req.a) + k * sizeof(req.r[0]));
-		if (err)
-			return err;
-		lost += (long long)req.a.failed;
-		done += k;
-	}
-	return lost;
+	return run_batches(c, CTI_OP_ADD, zone, recs, n, sizeof(*recs), CTI_ADD_MAX);
 }
 
 int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf,
@@ -737,17 +759,6 @@ int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf
 			return -errno;
 	}
 	return (int)cnt;
-}
-
-int cti_drop_record(struct cti *c, unsigned int zone, unsigned long long slot)
-{
-	__u64 key = ((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK);
-
-	if (zone >= CTI_MAX_ZONES)
-		return -EINVAL;
-	if (bpf_map_delete_elem(c->fd_records, &key) && errno != ENOENT)
-		return -errno;
-	return 0;
 }
 
 /* size of struct bpf_ct_opts in the kernel's (or nf_conntrack's) BTF */
@@ -891,32 +902,17 @@ int cti_meta_set(struct cti *c, const struct cti_meta *in)
 long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long long *slots,
 			   unsigned int n)
 {
-	struct {
-		struct cti_reap_args a;
-		unsigned long long s[CTI_DROP_MAX];
-	} req;
 	struct cti_zone before, after;
-	unsigned int done = 0;
-	int err;
+	long long err;
 
 	if (zone >= CTI_MAX_ZONES)
 		return -EINVAL;
 	err = cti_zone_stats(c, zone, &before);
 	if (err)
 		return err;
-	while (done < n) {
-		unsigned int k = n - done < CTI_DROP_MAX ? n - done : CTI_DROP_MAX;
-
-		memset(&req.a, 0, sizeof(req.a));
-		req.a.op = CTI_OP_DROP;
-		req.a.zone = zone;
-		req.a.budget = k;
-		memcpy(req.s, slots + done, k * sizeof(req.s[0]));
-		err = run_reaper(c, &req, sizeof(req.a) + k * sizeof(req.s[0]));
-		if (err)
-			return err;
-		done += k;
-	}
+	err = run_batches(c, CTI_OP_DROP, zone, slots, n, sizeof(*slots), CTI_DROP_MAX);
+	if (err < 0)
+		return err;
 	/* one reaper per zone: nothing else removes this zone's records meanwhile */
 	err = cti_zone_stats(c, zone, &after);
 	return err ? err : (long long)(after.removed - before.removed);

@@ -89,8 +89,6 @@ long long cti_add_records(struct cti *c, unsigned int zone,
 /* Like cti_zone_records, with each record's slot in slots[] (NULL: none). */
 int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf,
 			unsigned long long *slots, unsigned int n);
-/* Remove one record (its entry was deleted by other means). */
-int cti_drop_record(struct cti *c, unsigned int zone, unsigned long long slot);
 /* What this kernel offers: netfilter BPF programs (6.4+, loadable by us)
  * and the zone-aware conntrack kfunc options (6.11+). */
 int cti_probe(int *netfilter_bpf, int *zoned_kfuncs);
