@@ -200,9 +200,34 @@ static __always_inline int ct_head_fits(void)
 	       bpf_core_field_size(struct nf_conn, ct_general.use.refs.counter) == sizeof(int) &&
 	       bpf_core_field_size(struct nf_conn, zone.id) == sizeof(__u16) &&
 	       bpf_core_field_size(struct nf_conn, zone.dir) == sizeof(__u8) &&
-	       bpf_core_type_size(struct nf_conntrack_tuple) == sizeof(struct nf_conntrack_tuple) &&
 	       CT_OFF(status) + sizeof(unsigned long) <= CT_HEAD_MAX &&
 	       CT_OFF(tuplehash[0].tuple) + sizeof(struct nf_conntrack_tuple) <= CT_HEAD_MAX;
+}
+
+/* ct->zone.dir as a record keeps it: the direction bits, 0 (unset) meaning both */
+static __always_inline __u8 zone_dir_of(__u8 dir)
+{
+	dir &= CTI_ZONE_DIR_BOTH;
+	return dir | (!dir) * CTI_ZONE_DIR_BOTH;
+}
+
+/* Non-zero unless the entry (its zone id and direction, its original tuple)
+ * is the one the record was made for. Branch-free: the verifier walks it for
+ * every slot of a reaper batch. IPv4: the rest of both addresses is zero. */
+static __always_inline __u32 record_differs(const struct cti_record *r, __u16 zone, __u8 dir,
+					    const struct nf_conntrack_tuple *t)
+{
+	const __u32 *sa = (const __u32 *)&t->src.u3, *da = (const __u32 *)&t->dst.u3;
+	/* ICMP: the tuple's dst.u holds type and code, the record has dport 0 */
+	int icmp = (r->proto == IPPROTO_ICMP) | (r->proto == IPPROTO_ICMPV6);
+	__u16 want_dp = icmp ? (__u16)(r->icmp_type | (r->icmp_code << 8)) : r->dport;
+
+	return (zone ^ r->zone) | (dir ^ r->zone_dir) | (t->src.u.all ^ r->sport) |
+	       (t->dst.u.all ^ want_dp) |
+	       (sa[0] ^ r->saddr[0]) | (sa[1] ^ r->saddr[1]) | (sa[2] ^ r->saddr[2]) |
+	       (sa[3] ^ r->saddr[3]) |
+	       (da[0] ^ r->daddr[0]) | (da[1] ^ r->daddr[1]) | (da[2] ^ r->daddr[2]) |
+	       (da[3] ^ r->daddr[3]);
 }
 
 /* Read an nf_conn in one probe read where its head fits (each probe read is
@@ -236,8 +261,7 @@ static __noinline long read_ct(struct nf_conn *ct, struct ct_view *v)
 		v->zone_dir = z.dir;
 		err |= read_tuple(&ct->tuplehash[0].tuple, &v->t);
 	}
-	v->zone_dir &= CTI_ZONE_DIR_BOTH;
-	v->zone_dir |= (!v->zone_dir) * CTI_ZONE_DIR_BOTH;
+	v->zone_dir = zone_dir_of(v->zone_dir);
 	return err;
 }
 
@@ -255,27 +279,13 @@ static __noinline long read_ct(struct nf_conn *ct, struct ct_view *v)
 static __always_inline int cti_entry_alive(const struct cti_record *r)
 {
 	struct ct_view v = {};
-	const unsigned int *a;
-	__u16 want_dp;
-	__u32 diff;
-	int icmp;
 
 	if (!r->ct)
 		return CTI_ALIVE;
 	if (read_ct((struct nf_conn *)r->ct, &v))
 		return CTI_GONE;   /* unreadable: the slab page is gone, so is the entry */
-	/* ICMP: the tuple's dst.u holds type and code, the record has dport 0 */
-	icmp = (r->proto == IPPROTO_ICMP) | (r->proto == IPPROTO_ICMPV6);
-	want_dp = icmp ? (__u16)(r->icmp_type | (r->icmp_code << 8)) : r->dport;
-	diff = (v.zone ^ r->zone) | (v.zone_dir ^ r->zone_dir) |
-	       (v.t.src.u.all ^ r->sport) | (v.t.dst.u.all ^ want_dp);
-	a = (const unsigned int *)&v.t.src.u3;
-	diff |= (a[0] ^ r->saddr[0]) | (a[1] ^ r->saddr[1]) | (a[2] ^ r->saddr[2]) |
-		(a[3] ^ r->saddr[3]);
-	a = (const unsigned int *)&v.t.dst.u3;
-	diff |= (a[0] ^ r->daddr[0]) | (a[1] ^ r->daddr[1]) | (a[2] ^ r->daddr[2]) |
-		(a[3] ^ r->daddr[3]);
-	if (!(v.use > 0 && (v.status & IPS_CONFIRMED) && !diff))
+	if (!(v.use > 0 && (v.status & IPS_CONFIRMED) &&
+	      !record_differs(r, v.zone, v.zone_dir, &v.t)))
 		return CTI_GONE;
 	/* nf_ct_is_expired() */
 	return (__s32)(v.timeout - (__u32)bpf_jiffies64()) <= 0 ? CTI_EXPIRED : CTI_ALIVE;
@@ -518,27 +528,14 @@ enum { ACT_KEEP, ACT_REMOVE };
 static __always_inline int ct_is_record(struct nf_conn *ct, const struct cti_record *r)
 {
 	/* ct is the lookup's trusted reference: plain (CO-RE relocated) loads */
-	const struct nf_conntrack_tuple *t = &ct->tuplehash[0].tuple;
-	const __u32 *sa = (const __u32 *)&t->src.u3, *da = (const __u32 *)&t->dst.u3;
 	__u16 zid = 0;
 	__u8 dir = 0;
-	unsigned int diff;
 
 	if (bpf_core_field_exists(ct->zone)) {
 		zid = ct->zone.id;
 		dir = ct->zone.dir;
 	}
-	dir &= CTI_ZONE_DIR_BOTH;
-	dir |= (!dir) * CTI_ZONE_DIR_BOTH;
-	/* branch-free: the verifier walks this for every slot of a batch.
-	 * IPv4: the rest of both tuples' addresses is zero. */
-	diff = (zid ^ r->zone) | (dir ^ r->zone_dir) | (t->src.u.all ^ r->sport) |
-	       (t->dst.u.all ^ r->dport);
-	diff |= (sa[0] ^ r->saddr[0]) | (sa[1] ^ r->saddr[1]) | (sa[2] ^ r->saddr[2]) |
-		(sa[3] ^ r->saddr[3]);
-	diff |= (da[0] ^ r->daddr[0]) | (da[1] ^ r->daddr[1]) | (da[2] ^ r->daddr[2]) |
-		(da[3] ^ r->daddr[3]);
-	return diff == 0;
+	return !record_differs(r, zid, zone_dir_of(dir), &ct->tuplehash[0].tuple);
 }
 
 static long reap_one(__u64 idx, void *data)
