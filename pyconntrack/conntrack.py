@@ -594,9 +594,7 @@ class Conntrack:
             if self._zone_index is not None and (
                     (max_records and max_records != self._zone_index.max_records())
                     or (preallocate and not self._zone_index.preallocated())):
-                raise ConntrackError(
-                    "the index of this namespace is attached with another --max-records "
-                    "or without --preallocate; detach it first to change them", 34, "attach")
+                raise ConntrackError(index_mod.OTHER_LAYOUT, 34, "attach")
             if self._zone_index is None:
                 self._zone_index = index_mod.ZoneIndex(
                     self._path, self.netns, max_records, caps.zoned_kfuncs, create=True,

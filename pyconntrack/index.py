@@ -53,6 +53,9 @@ MAX_ZONES = 65536
 # max_records elements of 112 B (the 48 B element header, key, record) from
 # the start.
 BYTES_PER_RECORD = 136
+# what attaching again with another size or kind of record map says
+OTHER_LAYOUT = ("the index of this namespace is attached with another --max-records "
+                "or without --preallocate; detach it first to change them")
 BYTES_PER_PREALLOCATED_RECORD = 112
 BYTES_PER_BUCKET = 16
 ZONE_TABLE_BYTES = MAX_ZONES * 72
@@ -228,10 +231,15 @@ def refused_for_privileges(reason: str) -> bool:
     return "CAP_BPF" in reason
 
 
+def _bucket_bytes(max_records: int) -> int:
+    """The record map's hash buckets: max_records rounded up to a power of two."""
+    return (1 << max(0, (max_records - 1).bit_length()) if max_records else 0) \
+        * BYTES_PER_BUCKET
+
+
 def preallocation_bytes(max_records: int) -> int:
     """What ``--preallocate`` takes at attach: every element, and the buckets."""
-    buckets = 1 << max(0, (max_records - 1).bit_length()) if max_records else 0
-    return max_records * BYTES_PER_PREALLOCATED_RECORD + buckets * BYTES_PER_BUCKET
+    return max_records * BYTES_PER_PREALLOCATED_RECORD + _bucket_bytes(max_records)
 
 
 def _mem_available() -> Optional[int]:
@@ -412,19 +420,15 @@ class ZoneIndex:
                     raise ConntrackError(
                         f"--preallocate would take {need / 2**20:.1f} MiB for {max_records} "
                         f"records up front, more than half of the {avail / 2**20:.1f} MiB "
-                        "available; attach "
-                        "without it (memory then follows the records) or with a smaller "
-                        "--max-records", errno.ENOMEM, "attach")
+                        "available; attach without it (memory then follows the records) or "
+                        "with a smaller --max-records", errno.ENOMEM, "attach")
             try:
                 self._ix = ll.IndexHandle(self.dir, max_records, preallocate and create)
             except ConntrackError as exc:
                 if not existed:
                     self._remove_dir()
                 if exc.errno == errno.ERANGE:
-                    raise ConntrackError(
-                        "the index of this namespace is attached with another --max-records "
-                        "or without --preallocate; detach it first to change them",
-                        errno.ERANGE, "attach") from None
+                    raise ConntrackError(OTHER_LAYOUT, errno.ERANGE, "attach") from None
                 raise
         self._set_netns(attach=False)
 
@@ -569,12 +573,11 @@ class ZoneIndex:
                 zones[z] = {"records": st["added"] - st["removed"], "dirty": st["failed"]}
         records = self.live_records()
         max_records = self._ix.max_records()
-        buckets = 1 << max(0, (max_records - 1).bit_length()) if max_records else 0
         preallocated = self._ix.preallocated()
-        fixed = buckets * BYTES_PER_BUCKET + ZONE_TABLE_BYTES
         if preallocated:
-            memory = memory_max = max_records * BYTES_PER_PREALLOCATED_RECORD + fixed
+            memory = memory_max = preallocation_bytes(max_records) + ZONE_TABLE_BYTES
         else:
+            fixed = _bucket_bytes(max_records) + ZONE_TABLE_BYTES
             memory = records * BYTES_PER_RECORD + fixed
             memory_max = max_records * BYTES_PER_RECORD + fixed
         return {
