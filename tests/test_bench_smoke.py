@@ -243,6 +243,10 @@ def test_index_figures_are_judged_against_their_targets():
     verdicts = {t["id"]: t["met"] for t in index_bench.evaluate(result)}
     assert verdicts["I1"] == "NOT met" and verdicts["I4"] == "not measured at 1M"
     assert "| I2 |" in index_bench.markdown(result)
+    result["setup_rate"].update(cpu_ns_per_flow_with_index=6100, cpu_ns_per_flow_without=5800,
+                                cpu_per_flow_ratio=1.052)
+    assert "6,100 ns with the index, 5,800 ns without (ratio 1.052" \
+        in index_bench.markdown(result)
 
 
 @pytest.mark.kernel
@@ -264,6 +268,8 @@ def test_index_figures_quick(tmp_path):
     assert 0 < out["setup_rate"]["ratio"] and 0 < out["setup_rate"]["established_ratio"]
     assert out["setup_rate_preallocated"]["preallocated"] is True
     assert 0 < out["setup_rate_preallocated"]["ratio"]
+    assert out["setup_rate"]["cpu_ns_per_flow_with_index"] > 0 \
+        and out["setup_rate"]["cpu_ns_per_flow_without"] > 0
     assert out["attach"]["attach_s"] > 0
     assert all(out["attach"][k] > 0 for k in ("raw_dump_s", "open_from_pins_ms",
                                               "load_object_ms", "pre_delete_check_ms"))

@@ -104,6 +104,14 @@ def _cpu_idle_share(interval: float = 0.5) -> float:
     return (i1 - i0) / max(1, t1 - t0)
 
 
+def _cpu_busy_ns() -> int:
+    """CPU time all CPUs spent busy since boot (/proc/stat: all but idle,
+    iowait and guest time), in nanoseconds: softirqs and timers included."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
 def wait_quiet(idle: float = 0.9, timeout: float = 30.0) -> float:
     """Wait until the machine is idle (the kernel has freed what the last run
     left: entries after an RCU grace period, a detached map or a deleted
@@ -129,7 +137,8 @@ def setup_rate(flows: int = 300_000, rounds: int = 7, preallocate: bool = False,
     front."""
     rates: dict = {True: [], False: []}
     est: dict = {True: [], False: []}
-    pair_ratios, est_pair_ratios = [], []
+    cpu: dict = {True: [], False: []}
+    pair_ratios, est_pair_ratios, cpu_pair_ratios = [], [], []
     waited = 0.0
     with Topology(zones=[5]) as t:
         with Conntrack(t.host_netns) as ct:
@@ -140,19 +149,27 @@ def setup_rate(flows: int = 300_000, rounds: int = 7, preallocate: bool = False,
                         if attached:
                             ct.attach_index(preallocate=preallocate)
                         waited += wait_quiet()
+                        busy0 = _cpu_busy_ns()
                         r = _new_flows(t, flows, 2 * i + attached)
                         rate = r["sent"] / r["seconds"]
+                        # the CPU time of the whole machine per new flow: what
+                        # the drain timer does after the hook is counted too
+                        # (it runs within 4 ms of the last flow)
+                        time.sleep(0.05)
+                        cpu_ns = (_cpu_busy_ns() - busy0) / max(1, r["sent"])
                         # a cheap path: measured over seconds, not a blip
                         r = _existing_flow_packets(t, packets, 2 * i + attached)
-                        run[attached] = (rate, r["sent"] / r["seconds"])
+                        run[attached] = (rate, r["sent"] / r["seconds"], cpu_ns)
                         if attached:
                             ct.detach_index()
                         ct.delete(Filter(zone=5), strategy="walk")
                     for attached in (True, False):
                         rates[attached].append(run[attached][0])
                         est[attached].append(run[attached][1])
+                        cpu[attached].append(run[attached][2])
                     pair_ratios.append(run[True][0] / run[False][0])
                     est_pair_ratios.append(run[True][1] / run[False][1])
+                    cpu_pair_ratios.append(run[True][2] / max(1.0, run[False][2]))
             finally:
                 ct.detach_index()
     med = statistics.median
@@ -164,6 +181,10 @@ def setup_rate(flows: int = 300_000, rounds: int = 7, preallocate: bool = False,
             "established_without_pps": round(med(est[False])),
             "established_ratio": round(med(est_pair_ratios), 3),
             "established_pair_ratios": [round(x, 3) for x in est_pair_ratios],
+            "cpu_ns_per_flow_with_index": round(med(cpu[True])),
+            "cpu_ns_per_flow_without": round(med(cpu[False])),
+            "cpu_per_flow_ratio": round(med(cpu_pair_ratios), 3),
+            "cpu_pair_ratios": [round(x, 3) for x in cpu_pair_ratios],
             "waited_for_quiet_s": round(waited, 1)}
 
 
@@ -349,6 +370,14 @@ def markdown(result: dict) -> str:
                       f"opening the attached index from its pins {a['open_from_pins_ms']} ms "
                       f"against {a['load_object_ms']} ms to load the BPF object; the check "
                       f"before every index delete {a['pre_delete_check_ms']} ms."]
+    for key, kind in (("setup_rate", ""), ("setup_rate_preallocated", " (--preallocate)")):
+        sr = result.get(key) or {}
+        if "cpu_per_flow_ratio" in sr:
+            lines += ["", f"CPU time of the whole machine per new flow{kind}: "
+                          f"{sr['cpu_ns_per_flow_with_index']:,} ns with the index, "
+                          f"{sr['cpu_ns_per_flow_without']:,} ns without (ratio "
+                          f"{sr['cpu_per_flow_ratio']:.3f}: the hook, and the timer that "
+                          f"stores its pending records, both counted)."]
     hc = result.get("hook_cost") or {}
     if "new_flow_ns" in hc:
         lines += ["", f"Hook program per run (bpf_stats): {hc['new_flow_ns']} ns on a new "
