@@ -6,9 +6,7 @@
  *   BPF_LINK_CREATE) at PRE_ROUTING and LOCAL_OUT for IPv4 and IPv6 with
  *   priority NF_IP_PRI_CONNTRACK + 1.  For every packet whose conntrack entry
  *   is not yet confirmed (i.e. the entry is being created by this packet) it
- *   appends the original tuple to its CPU's pending buffer; a drain (a BPF
- *   timer while records arrive, and every reaper pass and zone read) stores
- *   them in their zones' records. A full buffer: the hook stores it itself.
+ *   appends the original tuple to the zone's records.
  *
  * cti_reap: XDP program, only run through BPF_PROG_TEST_RUN from inside the
  *   network namespace.  The request (struct cti_reap_args) is the packet; the
@@ -39,7 +37,6 @@ char LICENSE[] SEC("license") = "GPL";
 #define ETIME 62
 #define EPROTO 71
 #define BPF_F_CURRENT_NETNS (-1)
-#define CTI_MAX_CPUS 8192	/* NR_CPUS at most */
 #define IPPROTO_ICMPV6 58
 
 #ifndef BPF_NOEXIST
@@ -54,35 +51,6 @@ struct {
 	__type(key, __u64);
 	__type(value, struct cti_record);
 } cti_records SEC(".maps");
-
-/* each CPU's pending buffer: slots [cpu * CTI_PENDING_PER_CPU, +CTI_PENDING_PER_CPU);
- * the loader sizes it for the possible CPUs */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, CTI_PENDING_PER_CPU);
-	__type(key, __u32);
-	__type(value, struct cti_pending);
-} cti_pending SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct cti_pcpu);
-} cti_pcpu SEC(".maps");
-
-/* the drain timer, and the lock that lets one drain run at a time */
-struct cti_drainer {
-	struct bpf_timer timer;
-	__u64 busy;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct cti_drainer);
-} cti_drainer SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -323,247 +291,64 @@ static __always_inline int cti_entry_alive(const struct cti_record *r)
 	return (__s32)(v.timeout - (__u32)bpf_jiffies64()) <= 0 ? CTI_EXPIRED : CTI_ALIVE;
 }
 
-struct prune_ctx {
-	struct cti_zone *zm;
-	struct cti_stats *st;
-	__u32 zone;
-	__u32 now;
-};
-
 /* Amortised pruning: with each record stored, look at the zone's oldest
  * slots; drop records of freed entries, move live ones to the head. Keeps a
  * churning zone's window (and the map) at its live entries without cleanups.
  * Skipped while a reaper pass runs on the zone (it moves the tail itself); a
  * move racing with a pass's start is caught by cti_zone.moves (the pass is
- * run again). One slot per step of a bpf_loop: the verifier then checks a
- * step once, not once per unrolled slot and caller. */
-static long prune_step(__u64 i, void *data)
-{
-	struct prune_ctx *p = data;
-	struct cti_zone *zm = p->zm;
-	struct cti_record r, *rp;
-	__u64 t, key, nslot, nkey;
-	int alive;
-
-	t = zm->tail;
-	if (zm->busy || zm->head - t <= CTI_PRUNE_MIN_WINDOW)
-		return 1;
-	key = cti_key(p->zone, t);
-	rp = bpf_map_lookup_elem(&cti_records, &key);
-	if (!rp)
-		return 1;   /* a hole or an insert in flight: leave it to a pass */
-	r = *rp;
-	alive = cti_entry_alive(&r);
-	if (alive != CTI_ALIVE) {
-		if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t)
-			return 1;
-		if (!bpf_map_delete_elem(&cti_records, &key)) {
-			__sync_fetch_and_add(&zm->removed, 1);
-			__sync_fetch_and_add(&zm->pruned, 1);
-			p->st->removed++;
-			if (alive == CTI_EXPIRED)
-				count_expired(p->now);
-		}
-		return 0;
-	}
-	/* alive and young: it is the zone's oldest record, so it will most
-	 * likely go first; wait for it (keeps the window in creation order) */
-	if (p->now - r.ts_sec < CTI_PRUNE_MOVE_AGE)
-		return 1;
-	/* alive for long: copy it to the head first, so it is never out of
-	 * sight, then release its slot */
-	nslot = __sync_fetch_and_add(&zm->head, 1);
-	nkey = cti_key(p->zone, nslot);
-	if (bpf_map_update_elem(&cti_records, &nkey, &r, BPF_NOEXIST)) {
-		__sync_fetch_and_add(&zm->done, 1);   /* a hole at nslot */
-		return 1;
-	}
-	__sync_fetch_and_add(&zm->moves, 1);
-	__sync_fetch_and_add(&zm->done, 1);
-	if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t) {
-		/* another CPU took slot t: drop our copy again */
-		bpf_map_delete_elem(&cti_records, &nkey);
-		return 1;
-	}
-	bpf_map_delete_elem(&cti_records, &key);
-	return 0;
-}
-
+ * run again). */
 static __always_inline void cti_prune_tail(struct cti_zone *zm, __u32 zone,
 					   struct cti_stats *st, __u32 now)
 {
-	struct prune_ctx p = { .zm = zm, .st = st, .zone = zone, .now = now };
+	int i;
 
-	bpf_loop(CTI_PRUNE_PER_APPEND, prune_step, &p, 0);
-}
+	for (i = 0; i < CTI_PRUNE_PER_APPEND; i++) {
+		struct cti_record r, *rp;
+		__u64 t, key, nslot, nkey;
+		int alive;
 
-/* ------------------------------------------------------------------ */
-/* Pending buffers: the hook appends, a drain stores                   */
-/* ------------------------------------------------------------------ */
-
-/* Append a record to this CPU's pending buffer. Only this CPU writes
- * `reserved` (a hook interrupting another hook on the same CPU makes the
- * compare-and-swap fail: that record is stored directly); a drain on any
- * CPU reads a slot only once its seq says it is published. 0: buffered,
- * -1: store it directly (the buffer is full). */
-static __always_inline int pend_append(const struct cti_record *rec)
-{
-	struct cti_pending *pe;
-	struct cti_pcpu *pc;
-	__u32 zero = 0, idx;
-	__u64 h, drained;
-
-	pc = bpf_map_lookup_elem(&cti_pcpu, &zero);
-	if (!pc)
-		return -1;
-	h = pc->reserved;
-	drained = pc->drained;
-	if (h - drained >= CTI_PENDING_PER_CPU)
-		return -1;
-	idx = bpf_get_smp_processor_id() * CTI_PENDING_PER_CPU + (h & (CTI_PENDING_PER_CPU - 1));
-	pe = bpf_map_lookup_elem(&cti_pending, &idx);
-	if (!pe || __sync_val_compare_and_swap(&pc->reserved, h, h + 1) != h)
-		return -1;
-	pe->rec = *rec;
-	__sync_lock_test_and_set(&pe->seq, h + 1);  /* publish (a full barrier) */
-	if (h == drained) {
-		/* the buffer was empty: wake the drain (a no-op error if no
-		 * drain timer was set up; then reaper passes drain it) */
-		struct cti_drainer *d = bpf_map_lookup_elem(&cti_drainer, &zero);
-
-		if (d)
-			bpf_timer_start(&d->timer, CTI_DRAIN_NS, 0);
-	}
-	return 0;
-}
-
-struct drain_ctx {
-	struct cti_pcpu *pc;   /* the CPU being drained */
-	struct cti_stats *st;
-	__u64 pos, end;
-	__u32 cpu;
-	__u32 left;            /* records still pending (in flight) */
-	__u32 now;
-};
-
-/* Store the CPU's next pending record; 1 when none is published. */
-static __always_inline long drain_slot(struct drain_ctx *d, int prune)
-{
-	struct cti_pending *pe;
-	struct cti_record rec;
-	struct cti_zone *zm;
-	__u32 idx, zone;
-
-	if (d->pos == d->end)
-		return 1;
-	idx = d->cpu * CTI_PENDING_PER_CPU + (d->pos & (CTI_PENDING_PER_CPU - 1));
-	pe = bpf_map_lookup_elem(&cti_pending, &idx);
-	if (!pe || __sync_fetch_and_add(&pe->seq, 0) != d->pos + 1) {
-		d->left = 1;   /* reserved, not yet published: the next drain takes it */
-		return 1;
-	}
-	rec = pe->rec;
-	d->pos++;
-	zone = rec.zone;
-	zm = bpf_map_lookup_elem(&cti_zones, &zone);
-	if (!zm)
-		return 0;
-	/* counted in the map, not in the context: a counter there would make
-	 * every step a new state for the verifier */
-	if (d->st) {
-		if (cti_append(zm, zone, &rec)) {
-			/* counted as recorded when buffered: a lost one is failed */
-			d->st->recorded--;
-			d->st->failed++;
+		t = zm->tail;
+		if (zm->busy || zm->head - t <= CTI_PRUNE_MIN_WINDOW)
+			return;
+		key = cti_key(zone, t);
+		rp = bpf_map_lookup_elem(&cti_records, &key);
+		if (!rp)
+			return;   /* a hole or an insert in flight: leave it to a pass */
+		r = *rp;
+		alive = cti_entry_alive(&r);
+		if (alive != CTI_ALIVE) {
+			if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t)
+				return;
+			if (!bpf_map_delete_elem(&cti_records, &key)) {
+				__sync_fetch_and_add(&zm->removed, 1);
+				__sync_fetch_and_add(&zm->pruned, 1);
+				st->removed++;
+				if (alive == CTI_EXPIRED)
+					count_expired(now);
+			}
+			continue;
 		}
-		d->st->drained++;
-	} else {
-		cti_append(zm, zone, &rec);
+		/* alive and young: it is the zone's oldest record, so it will most
+		 * likely go first; wait for it (keeps the window in creation order) */
+		if (now - r.ts_sec < CTI_PRUNE_MOVE_AGE)
+			return;
+		/* alive for long: copy it to the head first, so it is never out of
+		 * sight, then release its slot */
+		nslot = __sync_fetch_and_add(&zm->head, 1);
+		nkey = cti_key(zone, nslot);
+		if (bpf_map_update_elem(&cti_records, &nkey, &r, BPF_NOEXIST)) {
+			__sync_fetch_and_add(&zm->done, 1);   /* a hole at nslot */
+			return;
+		}
+		__sync_fetch_and_add(&zm->moves, 1);
+		__sync_fetch_and_add(&zm->done, 1);
+		if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t) {
+			/* another CPU took slot t: drop our copy again */
+			bpf_map_delete_elem(&cti_records, &nkey);
+			return;
+		}
+		bpf_map_delete_elem(&cti_records, &key);
 	}
-	if (prune && d->st)
-		cti_prune_tail(zm, zone, d->st, d->now);
-	return 0;
-}
-
-/* Two copies of each step: with the zones' pruning (the timer's drain) and
- * without (a reaper's, whose stack has no room for it) */
-static long drain_slot_prune(__u64 i, void *data)
-{
-	return drain_slot(data, 1);
-}
-
-static long drain_slot_store(__u64 i, void *data)
-{
-	return drain_slot(data, 0);
-}
-
-/* Drain one CPU's buffer; 1 past the last CPU */
-static __always_inline long drain_cpu(__u64 cpu, struct drain_ctx *d, int prune)
-{
-	__u32 zero = 0;
-
-	d->pc = bpf_map_lookup_percpu_elem(&cti_pcpu, &zero, cpu);
-	if (!d->pc)
-		return 1;
-	d->cpu = cpu;
-	d->pos = d->pc->drained;
-	d->end = __sync_fetch_and_add(&d->pc->reserved, 0);
-	if (prune)
-		bpf_loop(CTI_PENDING_PER_CPU, drain_slot_prune, d, 0);
-	else
-		bpf_loop(CTI_PENDING_PER_CPU, drain_slot_store, d, 0);
-	__sync_lock_test_and_set(&d->pc->drained, d->pos);  /* after the copies */
-	return 0;
-}
-
-static long drain_cpu_prune(__u64 cpu, void *data)
-{
-	return drain_cpu(cpu, data, 1);
-}
-
-static long drain_cpu_store(__u64 cpu, void *data)
-{
-	return drain_cpu(cpu, data, 0);
-}
-
-/* Store every published pending record of every CPU in its zone (the one
- * drain that runs; another gets -EBUSY). Returns the records stored or
- * lost, or -EBUSY; *left: some are still in flight. */
-static __always_inline long drain_pending(__u32 *left, int prune)
-{
-	struct drain_ctx d = {};
-	struct cti_drainer *dr;
-	__u32 zero = 0;
-	__u64 before;
-
-	*left = 0;
-	dr = bpf_map_lookup_elem(&cti_drainer, &zero);
-	if (!dr)
-		return 0;
-	if (__sync_val_compare_and_swap(&dr->busy, 0, 1) != 0)
-		return -16;   /* EBUSY */
-	d.st = bpf_map_lookup_elem(&cti_stats, &zero);
-	before = d.st ? d.st->drained : 0;
-	d.now = bpf_ktime_get_ns() / 1000000000ULL;
-	if (prune)
-		bpf_loop(CTI_MAX_CPUS, drain_cpu_prune, &d, 0);
-	else
-		bpf_loop(CTI_MAX_CPUS, drain_cpu_store, &d, 0);
-	__sync_lock_test_and_set(&dr->busy, 0);
-	*left = d.left;
-	return d.st ? d.st->drained - before : 0;
-}
-
-/* The drain timer: runs while records arrive, stops when a tick finds the
- * buffers empty (the next buffered record starts it again). */
-static int drain_timer(void *map, __u32 *key, struct cti_drainer *dr)
-{
-	__u32 left;
-	long n = drain_pending(&left, 1);
-
-	if (n || left)
-		bpf_timer_start(&dr->timer, CTI_DRAIN_NS, 0);
-	return 0;
 }
 
 SEC("netfilter")
@@ -632,12 +417,6 @@ int cti_record(struct bpf_nf_ctx *ctx)
 	rec.ts_sec = bpf_ktime_get_ns() / 1000000000ULL;
 	rec.ct = (unsigned long long)ct;
 
-	if (!pend_append(&rec)) {
-		st->recorded++;
-		st->buffered++;
-		return NF_ACCEPT;
-	}
-	/* the buffer is full: store the record here */
 	zm = bpf_map_lookup_elem(&cti_zones, &zone);
 	if (!zm)
 		return NF_ACCEPT;
@@ -897,33 +676,6 @@ int cti_reap(struct xdp_md *ctx)
 		a->status = -2;
 		return XDP_PASS;
 	}
-	if (c.op == CTI_OP_DRAIN) {
-		__u32 left, zero = 0;
-		long n;
-
-		if (c.flags & CTI_RF_INIT_TIMER) {
-			struct cti_drainer *dr = bpf_map_lookup_elem(&cti_drainer, &zero);
-			long err;
-
-			if (!dr) {
-				a->status = -2;
-				return XDP_PASS;
-			}
-			err = bpf_timer_init(&dr->timer, &cti_drainer, 1 /* CLOCK_MONOTONIC */);
-			if (err && err != -16 /* EBUSY: set up before */) {
-				a->status = err;
-				return XDP_PASS;
-			}
-			a->status = bpf_timer_set_callback(&dr->timer, drain_timer);
-			if (a->status)
-				return XDP_PASS;
-		}
-		n = drain_pending(&left, 0);
-		a->status = n < 0 ? n : 0;
-		a->visited = n < 0 ? 0 : n;
-		a->restart = left;
-		return XDP_PASS;
-	}
 	if (c.op == CTI_OP_CLEAR_DIRTY) {
 		/* only if no record was lost since the caller's resync began */
 		a->failed = __sync_val_compare_and_swap(&c.zm->failed, a->end, 0);
@@ -983,15 +735,6 @@ int cti_reap(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 
-	if (!a->end) {
-		/* a pass begins: the records the hooks left pending first */
-		__u32 left;
-
-		if (drain_pending(&left, 0) < 0) {
-			a->status = -16;   /* EBUSY: a drain is running; the caller retries */
-			return XDP_PASS;
-		}
-	}
 	/* read done before head: done == head means no insert is in flight */
 	done = __sync_fetch_and_add(&c.zm->done, 0);
 	head = __sync_fetch_and_add(&c.zm->head, 0);

@@ -36,9 +36,6 @@
 #define CTI_ADD_MAX 64
 /* Slots one CTI_OP_DROP run carries after struct cti_reap_args. */
 #define CTI_DROP_MAX 64
-#define CTI_OP_DRAIN 6       /* store the records the hooks left in the per-CPU
-                              pending buffers; with CTI_RF_INIT_TIMER, set up
-                              the timer that drains them in the background */
 
 /* NF_CT_ZONE_DIR_* (ct->zone.dir): a zone applies to the original direction,
  * the reply direction, or both (the default). */
@@ -48,7 +45,6 @@
 
 /* struct cti_reap_args.flags */
 #define CTI_RF_NO_REAP_LOOKUP 1 /* experiment: skip the 2nd lookup that unlinks */
-#define CTI_RF_INIT_TIMER 2     /* CTI_OP_DRAIN: set up the drain timer */
 
 /* struct cti_filter.flags: every set field must match (AND) */
 #define CTI_F_FAMILY 1
@@ -105,11 +101,6 @@ struct cti_stats {
 	unsigned long long read_err;  /* nf_conn read failed */
 	unsigned long long seeded;    /* records stored by CTI_OP_ADD (walks) */
 	unsigned long long removed;   /* records deleted (reaper, prune, drop) */
-	unsigned long long buffered;  /* of recorded: put in this CPU's pending
-	                                 buffer by the hook (the rest it stored
-	                                 itself: the buffer was full) */
-	unsigned long long drained;   /* pending records a drain stored (a lost
-	                                 one moves from recorded to failed) */
 };
 
 /* Index-wide facts kept with the maps (array of 1, written by userspace). */
@@ -192,25 +183,6 @@ struct cti_expired_sec {
 /* A live record at the tail is moved to the head only when older than this
  * (seconds): younger ones are waited for (they are the oldest of the zone). */
 #define CTI_PRUNE_MOVE_AGE 30
-
-/* The hook does not store a record itself: it appends it to its CPU's
- * pending buffer (CTI_PENDING_PER_CPU slots, a power of two), a few stores
- * to memory no other CPU writes. A drain (a timer every CTI_DRAIN_NS while
- * records arrive, and every reaper pass and zone read before it looks)
- * stores them in their zones. A full buffer makes the hook store the record
- * itself, as before: slower, never lost. */
-#define CTI_PENDING_PER_CPU 1024
-#define CTI_DRAIN_NS 4000000
-/* A pending record: published once seq == its slot + 1. 64 bytes. */
-struct cti_pending {
-	struct cti_record rec;
-	unsigned long long seq;
-};
-/* Per-CPU positions in the pending buffer (a per-CPU array of 1). */
-struct cti_pcpu {
-	unsigned long long reserved; /* slots taken by this CPU's hook */
-	unsigned long long drained;  /* slots a drain has stored (or let go) */
-};
 
 /* ---- CFFI-CDEF-END ---- */
 

@@ -66,8 +66,7 @@ struct cti {
 	struct ct_index *skel;	/* NULL when opened from the pins (cti_open) */
 	int netns_fd;
 	/* the maps and the reaper: the skeleton's, or from the pins (owned) */
-	int fd_records, fd_zones, fd_stats, fd_meta, fd_expired, fd_pending, fd_pcpu,
-	    fd_drainer, fd_reap;
+	int fd_records, fd_zones, fd_stats, fd_meta, fd_expired, fd_reap;
 	int own_fds;
 	long long max_records;
 	int preallocated;	/* the record map has no BPF_F_NO_PREALLOC */
@@ -75,14 +74,11 @@ struct cti {
 };
 
 static const char *const cti_map_pins[] = { "cti_records", "cti_zones", "cti_stats", "cti_meta",
-					     "cti_expired", "cti_pending", "cti_pcpu",
-					     "cti_drainer" };
-#define CTI_NMAPS 8
+					     "cti_expired" };
+#define CTI_NMAPS 5
 /* the reaper is pinned as REAP_PIN_PREFIX<digest of this BPF object>: a pin
  * made by another build of the object is never run against these maps */
 #define REAP_PIN_PREFIX "prog_reap_"
-
-static long long drain(struct cti *c, unsigned int flags);
 
 static __thread char cti_log[4096];
 
@@ -188,8 +184,7 @@ int cti_check_dir(const char *dir)
 static int *map_fd_slot(struct cti *c, int i)
 {
 	int *slots[CTI_NMAPS] = { &c->fd_records, &c->fd_zones, &c->fd_stats, &c->fd_meta,
-				  &c->fd_expired, &c->fd_pending, &c->fd_pcpu,
-				  &c->fd_drainer };
+				  &c->fd_expired };
 
 	return slots[i];
 }
@@ -231,7 +226,7 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 {
 	struct bpf_prog_info pinfo;
 	struct bpf_map_info minfo;
-	__u32 prog_maps[16], ids[CTI_NMAPS], len, records_flags = 0;
+	__u32 prog_maps[8], ids[CTI_NMAPS], len, records_flags = 0;
 	char path[PATH_MAX];
 	unsigned int i, j, mask;
 	int err;
@@ -301,8 +296,7 @@ static void close_fds(struct cti *c)
 			close(c->fd_reap);
 	}
 	c->own_fds = 0;
-	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = -1;
-	c->fd_pending = c->fd_pcpu = c->fd_drainer = c->fd_reap = -1;
+	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = c->fd_reap = -1;
 }
 
 /* Remove reaper pins of other builds (after an upgrade) and pin ours. */
@@ -351,8 +345,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	if (!c)
 		return -ENOMEM;
 	c->netns_fd = -1;
-	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = -1;
-	c->fd_pending = c->fd_pcpu = c->fd_drainer = c->fd_reap = -1;
+	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = c->fd_reap = -1;
 	strcpy(c->dir, pin_dir);
 	if (mkdir(c->dir, 0700) && errno != EEXIST) {
 		err = -errno;
@@ -388,13 +381,6 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	if (!err && max_records)
 		err = bpf_map__set_max_entries(c->skel->maps.cti_records,
 					       max_records);
-	/* a pending buffer per possible CPU */
-	if (!err) {
-		int ncpu = libbpf_num_possible_cpus();
-
-		err = ncpu < 0 ? ncpu : bpf_map__set_max_entries(c->skel->maps.cti_pending,
-							   ncpu * CTI_PENDING_PER_CPU);
-	}
 	if (!err && (flags & CTI_OPEN_PREALLOC))
 		err = bpf_map__set_map_flags(c->skel->maps.cti_records,
 			bpf_map__map_flags(c->skel->maps.cti_records) & ~BPF_F_NO_PREALLOC);
@@ -442,9 +428,6 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	c->fd_stats = bpf_map__fd(c->skel->maps.cti_stats);
 	c->fd_meta = bpf_map__fd(c->skel->maps.cti_meta);
 	c->fd_expired = bpf_map__fd(c->skel->maps.cti_expired);
-	c->fd_pending = bpf_map__fd(c->skel->maps.cti_pending);
-	c->fd_pcpu = bpf_map__fd(c->skel->maps.cti_pcpu);
-	c->fd_drainer = bpf_map__fd(c->skel->maps.cti_drainer);
 	c->fd_reap = bpf_program__fd(c->skel->progs.cti_reap);
 	c->max_records = bpf_map__max_entries(c->skel->maps.cti_records);
 	c->preallocated = !(bpf_map__map_flags(c->skel->maps.cti_records) & BPF_F_NO_PREALLOC);
@@ -505,10 +488,6 @@ int cti_attach(struct cti *c, int netns_fd)
 	prog_fd = c->skel ? bpf_program__fd(c->skel->progs.cti_record) : -1;
 	if (prog_fd < 0)
 		return -ESTALE;
-	/* the timer that drains the hooks' pending buffers, before any hook */
-	err = drain(c, CTI_RF_INIT_TIMER);
-	if (err < 0)
-		return err;
 
 	/* a netfilter link hooks the netns of the creating task */
 	err = netns_enter(c->netns_fd, &old);
@@ -613,42 +592,14 @@ static int run_reaper(struct cti *c, void *req, size_t size)
 		.data_size_out = size,
 		.repeat = 1,
 	);
-	int err, tries;
-
-	/* -EBUSY: a drain of the pending buffers is running (the timer's, on
-	 * another CPU: about a millisecond); this run drains too, so wait */
-	for (tries = 0; tries < 20000; tries++) {
-		err = bpf_prog_test_run_opts(c->fd_reap, &opts);
-		if (err)
-			return err < 0 ? err : -EIO;
-		if (opts.retval != XDP_PASS || opts.data_size_out != size)
-			return -EIO;
-		err = ((struct cti_reap_args *)req)->status;
-		if (err != -EBUSY)
-			return err;
-		usleep(50);
-	}
-	return err;
-}
-
-/* Store the records the hooks left in the per-CPU pending buffers; with
- * CTI_RF_INIT_TIMER, first set up the timer that drains them. Returns the
- * records drained, or -errno. */
-static long long drain(struct cti *c, unsigned int flags)
-{
-	struct cti_reap_args a;
 	int err;
 
-	memset(&a, 0, sizeof(a));
-	a.op = CTI_OP_DRAIN;
-	a.flags = flags;
-	err = run_reaper(c, &a, sizeof(a));   /* no kfunc: any netns will do */
-	return err ? err : (long long)a.visited;
-}
-
-long long cti_drain(struct cti *c)
-{
-	return drain(c, 0);
+	err = bpf_prog_test_run_opts(c->fd_reap, &opts);
+	if (err)
+		return err < 0 ? err : -EIO;
+	if (opts.retval != XDP_PASS || opts.data_size_out != size)
+		return -EIO;
+	return ((struct cti_reap_args *)req)->status;
 }
 
 /* Hand n items (records to add, slots to drop) to the reaper, at most
@@ -861,7 +812,7 @@ int cti_probe(int *netfilter_bpf, int *zoned_kfuncs)
 	return err;
 }
 
-static int zone_stats(struct cti *c, unsigned int zone, struct cti_zone *out)
+int cti_zone_stats(struct cti *c, unsigned int zone, struct cti_zone *out)
 {
 	__u32 key = zone;
 
@@ -870,30 +821,6 @@ static int zone_stats(struct cti *c, unsigned int zone, struct cti_zone *out)
 	if (bpf_map_lookup_elem(c->fd_zones, &key, out))
 		return -errno;
 	return 0;
-}
-
-/* A zone's state with every record the hooks have handed over stored */
-int cti_zone_stats(struct cti *c, unsigned int zone, struct cti_zone *out)
-{
-	long long err = zone >= CTI_MAX_ZONES ? -EINVAL : drain(c, 0);
-
-	return err < 0 ? (int)err : zone_stats(c, zone, out);
-}
-
-int cti_zone_stats_stored(struct cti *c, unsigned int zone, struct cti_zone *out)
-{
-	return zone_stats(c, zone, out);
-}
-
-long long cti_pending_slots(struct cti *c)
-{
-	struct bpf_map_info info;
-	__u32 len = sizeof(info);
-
-	memset(&info, 0, sizeof(info));
-	if (bpf_obj_get_info_by_fd(c->fd_pending, &info, &len))
-		return -errno;
-	return info.max_entries;
 }
 
 int cti_stats(struct cti *c, struct cti_stats *out)
@@ -922,8 +849,6 @@ int cti_stats(struct cti *c, struct cti_stats *out)
 		out->read_err += v[i].read_err;
 		out->seeded += v[i].seeded;
 		out->removed += v[i].removed;
-		out->buffered += v[i].buffered;
-		out->drained += v[i].drained;
 	}
 cleanup:
 	free(v);
@@ -982,14 +907,14 @@ long long cti_drop_records(struct cti *c, unsigned int zone, const unsigned long
 
 	if (zone >= CTI_MAX_ZONES)
 		return -EINVAL;
-	err = zone_stats(c, zone, &before);
+	err = cti_zone_stats(c, zone, &before);
 	if (err)
 		return err;
 	err = run_batches(c, CTI_OP_DROP, zone, slots, n, sizeof(*slots), CTI_DROP_MAX);
 	if (err < 0)
 		return err;
 	/* one reaper per zone: nothing else removes this zone's records meanwhile */
-	err = zone_stats(c, zone, &after);
+	err = cti_zone_stats(c, zone, &after);
 	return err ? err : (long long)(after.removed - before.removed);
 }
 

@@ -92,14 +92,7 @@ int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf
 /* What this kernel offers: netfilter BPF programs (6.4+, loadable by us)
  * and the zone-aware conntrack kfunc options (6.11+). */
 int cti_probe(int *netfilter_bpf, int *zoned_kfuncs);
-/* the zone's counters, once the records the hooks left pending are stored */
 int cti_zone_stats(struct cti *c, unsigned int zone, struct cti_zone *out);
-/* the zone's counters as its map holds them now (pending records not stored) */
-int cti_zone_stats_stored(struct cti *c, unsigned int zone, struct cti_zone *out);
-/* store the records the hooks left in their pending buffers: how many */
-long long cti_drain(struct cti *c);
-/* slots of the hooks' pending buffers (all CPUs) */
-long long cti_pending_slots(struct cti *c);
 int cti_stats(struct cti *c, struct cti_stats *out);
 /* Copy up to n records of zone into buf; returns how many. */
 int cti_zone_records(struct cti *c, unsigned int zone, struct cti_record *buf,

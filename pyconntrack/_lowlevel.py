@@ -341,14 +341,9 @@ class IndexHandle(_Owned):
     def unpin(self) -> None:
         check(lib.cti_unpin(self.raw), "cti_unpin")
 
-    def zone_stats(self, zone: int, drain: bool = True) -> dict:
-        """The zone's counters; ``drain``: store the records the hooks left
-        pending first (one reaper run), else as the map holds them now."""
+    def zone_stats(self, zone: int) -> dict:
         z = ffi.new("struct cti_zone *")
-        if drain:
-            check(lib.cti_zone_stats(self.raw, zone, z), "cti_zone_stats")
-        else:
-            check(lib.cti_zone_stats_stored(self.raw, zone, z), "cti_zone_stats_stored")
+        check(lib.cti_zone_stats(self.raw, zone, z), "cti_zone_stats")
         return {"head": z.head, "done": z.done, "tail": z.tail, "failed": z.failed,
                 "added": z.added, "removed": z.removed, "busy": z.busy, "moves": z.moves,
                 "pruned": z.pruned}
@@ -357,17 +352,7 @@ class IndexHandle(_Owned):
         s = ffi.new("struct cti_stats *")
         check(lib.cti_stats(self.raw, s), "cti_stats")
         return {k: getattr(s, k) for k in ("seen", "no_ct", "confirmed", "recorded", "failed",
-                                           "read_err", "seeded", "removed", "buffered",
-                                           "drained")}
-
-    def drain(self) -> int:
-        """Store the records the hooks left pending; how many."""
-        return check(lib.cti_drain(self.raw), "cti_drain")
-
-    def pending_bytes(self) -> int:
-        """Memory of the hooks' pending buffers (every possible CPU's)."""
-        return check(lib.cti_pending_slots(self.raw), "cti_pending_slots") * \
-            ffi.sizeof("struct cti_pending")
+                                           "read_err", "seeded", "removed")}
 
     def meta(self) -> dict:
         m = ffi.new("struct cti_meta *")

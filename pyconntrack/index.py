@@ -51,8 +51,7 @@ MAX_ZONES = 65536
 # (buckets = max_records rounded up to a power of two), plus the 3 MiB
 # per-zone table (72 B per zone). A preallocated map (--preallocate) holds
 # max_records elements of 112 B (the 48 B element header, key, record) from
-# the start. Both add the hooks' pending buffers: 64 B per slot, 1024 slots
-# per possible CPU (64 KiB each).
+# the start.
 BYTES_PER_RECORD = 136
 # what attaching again with another size or kind of record map says
 OTHER_LAYOUT = ("the index of this namespace is attached with another --max-records "
@@ -568,19 +567,17 @@ class ZoneIndex:
 
     def status(self) -> dict:
         zones: Dict[int, dict] = {}
-        self._ix.drain()
         for z in range(MAX_ZONES):
-            st = self._ix.zone_stats(z, drain=False)
+            st = self._ix.zone_stats(z)
             if st["head"] != st["tail"] or st["failed"]:
                 zones[z] = {"records": st["added"] - st["removed"], "dirty": st["failed"]}
         records = self.live_records()
         max_records = self._ix.max_records()
         preallocated = self._ix.preallocated()
-        pending = self._ix.pending_bytes()
         if preallocated:
-            memory = memory_max = preallocation_bytes(max_records) + ZONE_TABLE_BYTES + pending
+            memory = memory_max = preallocation_bytes(max_records) + ZONE_TABLE_BYTES
         else:
-            fixed = _bucket_bytes(max_records) + ZONE_TABLE_BYTES + pending
+            fixed = _bucket_bytes(max_records) + ZONE_TABLE_BYTES
             memory = records * BYTES_PER_RECORD + fixed
             memory_max = max_records * BYTES_PER_RECORD + fixed
         return {
