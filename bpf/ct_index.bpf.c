@@ -14,9 +14,11 @@
  *   expires matching entries with bpf_ct_change_timeout(ct, 0) and reaps them
  *   at once with a second lookup, and drops records of entries that are gone.
  *
- * Layout: records live in one hash map keyed by (zone << 48 | slot).  Each
- * zone has a slot window [tail, head) in cti_zones[zone]; appends reserve a
- * slot with an atomic add on head.  A reaper pass moves surviving records to
+ * Layout: each zone has a slot window [tail, head) in cti_zones[zone];
+ * appends reserve a slot with an atomic add on head.  Slots live in chunks
+ * of 31, one hash element each keyed by (zone << 48 | slot / 31): storing a
+ * record is a chunk lookup and a copy (a hash insert once per chunk), and a
+ * chunk is freed when the zone's tail passes it.  A reaper pass moves surviving records to
  * fresh slots at the head, so after a complete pass [tail, head) holds only
  * records that survived plus newer ones: walking a zone costs
  * O(records of that zone), independent of the conntrack table size.
@@ -45,12 +47,21 @@ char LICENSE[] SEC("license") = "GPL";
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, CTI_DEFAULT_MAX_RECORDS); /* the loader may resize it, and
-							* preallocate it (CTI_OPEN_PREALLOC) */
+	/* chunks; the loader sizes it for its max_records, and may
+	 * preallocate it (CTI_OPEN_PREALLOC) */
+	__uint(max_entries, CTI_DEFAULT_MAX_RECORDS / CTI_CHUNK_SLOTS);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
-	__type(value, struct cti_record);
+	__type(value, struct cti_chunk);
 } cti_records SEC(".maps");
+
+/* the value a new chunk starts from (all slots empty) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cti_chunk);
+} cti_empty_chunk SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -111,18 +122,146 @@ static __always_inline __u64 cti_key(__u32 zone, __u64 slot)
 	return ((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK);
 }
 
+/* ---- the record store: slots of a zone, in chunks ---- */
+
+/* A slot's place in its chunk; with create, the chunk is made if missing
+ * (a racing CPU may make it first). NULL: no such chunk, or the map is full. */
+static __always_inline struct cti_slot *slot_at(__u32 zone, __u64 slot, int create)
+{
+	__u64 key = cti_key(zone, slot / CTI_CHUNK_SLOTS);
+	__u32 i = slot % CTI_CHUNK_SLOTS, zero = 0;
+	struct cti_chunk *c = bpf_map_lookup_elem(&cti_records, &key);
+
+	if (!c && create) {
+		struct cti_chunk *empty = bpf_map_lookup_elem(&cti_empty_chunk, &zero);
+
+		if (!empty)
+			return NULL;
+		bpf_map_update_elem(&cti_records, &key, empty, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&cti_records, &key);
+	}
+	/* the compiler knows i < CTI_CHUNK_SLOTS, the verifier must be told */
+	asm volatile("" : "+r"(i));
+	if (!c || i >= CTI_CHUNK_SLOTS)
+		return NULL;
+	return &c->s[i];
+}
+
+/* Store a record in a slot no one has used. 0, or -1 (map full). */
+static __always_inline int rec_insert(__u32 zone, __u64 slot, const struct cti_record *rec)
+{
+	struct cti_slot *s = slot_at(zone, slot, 1);
+
+	if (!s || s->seq)
+		return -1;
+	s->rec = *rec;
+	__sync_lock_test_and_set(&s->seq, slot + 1);   /* publish: a full barrier */
+	return 0;
+}
+
+/* Copy the slot's record out. 0, or -1: an empty slot (a hole). A record
+ * is never rewritten in place, so a copy that raced a delete is the
+ * record as it was. */
+static __always_inline int rec_lookup(__u32 zone, __u64 slot, struct cti_record *out)
+{
+	struct cti_slot *s = slot_at(zone, slot, 0);
+
+	if (!s || __sync_fetch_and_add(&s->seq, 0) != slot + 1)
+		return -1;
+	*out = s->rec;
+	return 0;
+}
+
+/* Empty the slot. 0, or -1 if it held nothing (or another CPU emptied it). */
+static __always_inline int rec_delete(__u32 zone, __u64 slot)
+{
+	struct cti_slot *s = slot_at(zone, slot, 0);
+
+	if (!s || __sync_val_compare_and_swap(&s->seq, slot + 1, 0) != slot + 1)
+		return -1;
+	return 0;
+}
+
+/* Freeing chunks. No slot below a zone's tail is ever written again, so a
+ * chunk wholly below it is freed; a record still in it (a pruner on another
+ * CPU between moving the tail and deleting) is emptied and counted here:
+ * whoever empties a slot counts it, once. */
+struct empty_ctx {
+	struct cti_chunk *c;
+	struct cti_zone *zm;
+	struct cti_stats *st;   /* NULL: the caller counts from zm->removed */
+};
+
+static long empty_slot(__u64 i, void *data)
+{
+	struct empty_ctx *e = data;
+	struct cti_slot *s;
+	__u64 seq;
+
+	if (i >= CTI_CHUNK_SLOTS)
+		return 1;
+	s = &e->c->s[i];
+	seq = s->seq;
+	if (seq && __sync_val_compare_and_swap(&s->seq, seq, 0) == seq) {
+		__sync_fetch_and_add(&e->zm->removed, 1);
+		if (e->st)
+			e->st->removed++;
+	}
+	return 0;
+}
+
+static __always_inline void free_chunk(__u32 zone, __u64 chunk, struct cti_zone *zm,
+				       struct cti_stats *st)
+{
+	__u64 key = cti_key(zone, chunk);
+	struct empty_ctx e = { .zm = zm, .st = st };
+
+	e.c = bpf_map_lookup_elem(&cti_records, &key);
+	if (!e.c)
+		return;
+	bpf_loop(CTI_CHUNK_SLOTS, empty_slot, &e, 0);
+	bpf_map_delete_elem(&cti_records, &key);
+}
+
+/* a reaper run moved the tail from..to: free the chunks now below it */
+struct free_ctx {
+	struct cti_zone *zm;
+	__u64 chunk, end;
+	__u32 zone;
+};
+
+static long free_next_chunk(__u64 i, void *data)
+{
+	struct free_ctx *f = data;
+
+	if (f->chunk >= f->end)
+		return 1;
+	free_chunk(f->zone, f->chunk, f->zm, NULL);
+	f->chunk++;
+	return 0;
+}
+
+static __noinline void free_chunks_below(__u32 zone, struct cti_zone *zm, __u64 from,
+					      __u64 to)
+{
+	struct free_ctx f = { .zm = zm, .chunk = from / CTI_CHUNK_SLOTS,
+			      .end = to / CTI_CHUNK_SLOTS, .zone = zone };
+
+	if (f.end > f.chunk)
+		bpf_loop(CTI_MAX_BATCH / CTI_CHUNK_SLOTS + 2, free_next_chunk, &f, 0);
+}
+
 /* Reserve a slot, publish the record, then count the attempt done.
  * Returns -1 when the record could not be stored: the zone is then marked
  * dirty, so the index is never silently incomplete. */
 static __always_inline int cti_append(struct cti_zone *zm, __u32 zone,
 				      const struct cti_record *rec)
 {
-	__u64 slot, key;
+	__u64 slot;
 	int lost = 0;
 
 	slot = __sync_fetch_and_add(&zm->head, 1);
-	key = cti_key(zone, slot);
-	if (bpf_map_update_elem(&cti_records, &key, rec, BPF_NOEXIST)) {
+	if (rec_insert(zone, slot, rec)) {
 		__sync_fetch_and_add(&zm->failed, 1);
 		lost = -1;
 	} else {
@@ -291,79 +430,137 @@ static __always_inline int cti_entry_alive(const struct cti_record *r)
 	return (__s32)(v.timeout - (__u32)bpf_jiffies64()) <= 0 ? CTI_EXPIRED : CTI_ALIVE;
 }
 
+struct prune_ctx {
+	struct cti_zone *zm;
+	struct cti_stats *st;
+	__u32 zone;
+	__u32 now;
+};
+
 /* Amortised pruning: with each record stored, look at the zone's oldest
  * slots; drop records of freed entries, move live ones to the head. Keeps a
  * churning zone's window (and the map) at its live entries without cleanups.
  * Skipped while a reaper pass runs on the zone (it moves the tail itself); a
  * move racing with a pass's start is caught by cti_zone.moves (the pass is
- * run again). */
+ * run again). One slot per step of a bpf_loop: its own stack frame, and the
+ * verifier checks a step once. */
+static long prune_step(__u64 i, void *data)
+{
+	struct prune_ctx *p = data;
+	struct cti_zone *zm = p->zm;
+	struct cti_record r;
+	__u64 t, nslot;
+	int alive;
+
+	t = zm->tail;
+	if (zm->busy || zm->head - t <= CTI_PRUNE_MIN_WINDOW)
+		return 1;
+	if (rec_lookup(p->zone, t, &r))
+		return 1;   /* a hole or an insert in flight: leave it to a pass */
+	alive = cti_entry_alive(&r);
+	if (alive != CTI_ALIVE) {
+		if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t)
+			return 1;
+		if (!rec_delete(p->zone, t)) {
+			__sync_fetch_and_add(&zm->removed, 1);
+			__sync_fetch_and_add(&zm->pruned, 1);
+			p->st->removed++;
+			if (alive == CTI_EXPIRED)
+				count_expired(p->now);
+		}
+		if ((t + 1) % CTI_CHUNK_SLOTS == 0)
+			free_chunk(p->zone, t / CTI_CHUNK_SLOTS, zm, p->st);
+		return 0;
+	}
+	/* alive and young: it is the zone's oldest record, so it will most
+	 * likely go first; wait for it (keeps the window in creation order) */
+	if (p->now - r.ts_sec < CTI_PRUNE_MOVE_AGE)
+		return 1;
+	/* alive for long: copy it to the head first, so it is never out of
+	 * sight, then release its slot */
+	nslot = __sync_fetch_and_add(&zm->head, 1);
+	if (rec_insert(p->zone, nslot, &r)) {
+		__sync_fetch_and_add(&zm->done, 1);   /* a hole at nslot */
+		return 1;
+	}
+	__sync_fetch_and_add(&zm->moves, 1);
+	__sync_fetch_and_add(&zm->done, 1);
+	if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t) {
+		/* another CPU took slot t: drop our copy again */
+		rec_delete(p->zone, nslot);
+		return 1;
+	}
+	rec_delete(p->zone, t);
+	if ((t + 1) % CTI_CHUNK_SLOTS == 0)
+		free_chunk(p->zone, t / CTI_CHUNK_SLOTS, zm, p->st);
+	return 0;
+}
+
 static __always_inline void cti_prune_tail(struct cti_zone *zm, __u32 zone,
 					   struct cti_stats *st, __u32 now)
 {
-	int i;
+	struct prune_ctx p = { .zm = zm, .st = st, .zone = zone, .now = now };
 
-	for (i = 0; i < CTI_PRUNE_PER_APPEND; i++) {
-		struct cti_record r, *rp;
-		__u64 t, key, nslot, nkey;
-		int alive;
+	bpf_loop(CTI_PRUNE_PER_APPEND, prune_step, &p, 0);
+}
 
-		t = zm->tail;
-		if (zm->busy || zm->head - t <= CTI_PRUNE_MIN_WINDOW)
-			return;
-		key = cti_key(zone, t);
-		rp = bpf_map_lookup_elem(&cti_records, &key);
-		if (!rp)
-			return;   /* a hole or an insert in flight: leave it to a pass */
-		r = *rp;
-		alive = cti_entry_alive(&r);
-		if (alive != CTI_ALIVE) {
-			if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t)
-				return;
-			if (!bpf_map_delete_elem(&cti_records, &key)) {
-				__sync_fetch_and_add(&zm->removed, 1);
-				__sync_fetch_and_add(&zm->pruned, 1);
-				st->removed++;
-				if (alive == CTI_EXPIRED)
-					count_expired(now);
-			}
-			continue;
-		}
-		/* alive and young: it is the zone's oldest record, so it will most
-		 * likely go first; wait for it (keeps the window in creation order) */
-		if (now - r.ts_sec < CTI_PRUNE_MOVE_AGE)
-			return;
-		/* alive for long: copy it to the head first, so it is never out of
-		 * sight, then release its slot */
-		nslot = __sync_fetch_and_add(&zm->head, 1);
-		nkey = cti_key(zone, nslot);
-		if (bpf_map_update_elem(&cti_records, &nkey, &r, BPF_NOEXIST)) {
-			__sync_fetch_and_add(&zm->done, 1);   /* a hole at nslot */
-			return;
-		}
-		__sync_fetch_and_add(&zm->moves, 1);
-		__sync_fetch_and_add(&zm->done, 1);
-		if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t) {
-			/* another CPU took slot t: drop our copy again */
-			bpf_map_delete_elem(&cti_records, &nkey);
-			return;
-		}
-		bpf_map_delete_elem(&cti_records, &key);
+/* Read a new entry and store its record; its zone and clock for the
+ * pruning. Its own stack frame (not inlined): the hook's frame, the pruning
+ * step's and read_ct's together fit the 512 bytes of stack. 0: stored. */
+static __noinline int record_new(struct nf_conn *ct, __u32 hook, struct cti_stats *st,
+				 __u32 *zone_out, __u32 *now_out)
+{
+	struct ct_view v = {};
+	struct nf_conntrack_tuple *t = &v.t;
+	struct cti_record rec = {};
+	struct cti_zone *zm;
+	__u32 zone;
+
+	if (!st)
+		return -1;
+	if (read_ct(ct, &v)) {
+		st->read_err++;
+		return -1;
 	}
+	zone = v.zone;
+	rec.proto = t->dst.protonum;
+	__builtin_memcpy(rec.saddr, &t->src.u3, sizeof(rec.saddr));
+	__builtin_memcpy(rec.daddr, &t->dst.u3, sizeof(rec.daddr));
+	rec.sport = t->src.u.all;
+	if (rec.proto == IPPROTO_ICMP || rec.proto == IPPROTO_ICMPV6) {
+		rec.icmp_type = t->dst.u.icmp.type;
+		rec.icmp_code = t->dst.u.icmp.code;
+	} else {
+		rec.dport = t->dst.u.all;
+	}
+	rec.family = t->src.l3num;
+	rec.zone = zone;
+	rec.zone_dir = v.zone_dir;
+	rec.hook = hook;
+	rec.ts_sec = bpf_ktime_get_ns() / 1000000000ULL;
+	rec.ct = (unsigned long long)ct;
+
+	zm = bpf_map_lookup_elem(&cti_zones, &zone);
+	if (!zm)
+		return -1;
+	if (cti_append(zm, zone, &rec)) {
+		st->failed++;
+		return -1;
+	}
+	st->recorded++;
+	*zone_out = zone;
+	*now_out = rec.ts_sec;
+	return 0;
 }
 
 SEC("netfilter")
 int cti_record(struct bpf_nf_ctx *ctx)
 {
-	struct ct_view v = {};
-	struct nf_conntrack_tuple *t = &v.t;
-	struct cti_record rec = {};
 	struct cti_stats *st;
 	struct cti_zone *zm;
 	struct nf_conn *ct;
 	unsigned long nfct, status;
-	__u32 zero = 0, zone = 0;
-	__u16 l3num = 0;
-	__u8 zdir = 0;
+	__u32 zero = 0, zone = 0, now = 0;
 
 	/* skb is a trusted BTF pointer: a plain (CO-RE relocated) load */
 	nfct = ctx->skb->_nfct;
@@ -393,38 +590,11 @@ int cti_record(struct bpf_nf_ctx *ctx)
 	}
 
 	/* a new entry: everything else in one more read */
-	if (read_ct(ct, &v)) {
-		st->read_err++;
+	if (record_new(ct, ctx->state->hook /* trusted: a plain load */, st, &zone, &now))
 		return NF_ACCEPT;
-	}
-	zone = v.zone;
-	zdir = v.zone_dir;
-	l3num = t->src.l3num;
-	rec.proto = t->dst.protonum;
-	__builtin_memcpy(rec.saddr, &t->src.u3, sizeof(rec.saddr));
-	__builtin_memcpy(rec.daddr, &t->dst.u3, sizeof(rec.daddr));
-	rec.sport = t->src.u.all;
-	if (rec.proto == IPPROTO_ICMP || rec.proto == IPPROTO_ICMPV6) {
-		rec.icmp_type = t->dst.u.icmp.type;
-		rec.icmp_code = t->dst.u.icmp.code;
-	} else {
-		rec.dport = t->dst.u.all;
-	}
-	rec.family = l3num;
-	rec.zone = zone;
-	rec.zone_dir = zdir;
-	rec.hook = ctx->state->hook;	/* a trusted pointer: a plain load */
-	rec.ts_sec = bpf_ktime_get_ns() / 1000000000ULL;
-	rec.ct = (unsigned long long)ct;
-
 	zm = bpf_map_lookup_elem(&cti_zones, &zone);
-	if (!zm)
-		return NF_ACCEPT;
-	if (cti_append(zm, zone, &rec))
-		st->failed++;
-	else
-		st->recorded++;
-	cti_prune_tail(zm, zone, st, rec.ts_sec);
+	if (zm)
+		cti_prune_tail(zm, zone, st, now);
 	return NF_ACCEPT;
 }
 
@@ -543,24 +713,20 @@ static long reap_one(__u64 idx, void *data)
 	struct reap_ctx *c = data;
 	struct bpf_ct_opts opts;
 	struct cti_record r;
-	struct cti_record *rp;
 	struct nf_conn *ct;
-	__u64 key, nkey, nslot;
+	__u64 nslot;
 	int act = ACT_KEEP, err;
 
 	if (c->pos >= c->end)
 		return 1;
-	key = cti_key(c->zone, c->pos);
 	c->visited++;
-	rp = bpf_map_lookup_elem(&cti_records, &key);
-	if (!rp) {
+	if (rec_lookup(c->zone, c->pos, &r)) {
 		/* a hole: pruned record or failed insert, or an insert in flight */
 		c->holes++;
 		if (!c->resolved)
 			c->stuck = 1;
 		goto next;
 	}
-	r = *rp;
 
 	if (c->op == CTI_OP_REAP && !filter_match(&r, &c->f)) {
 		c->kept++;
@@ -618,15 +784,14 @@ static long reap_one(__u64 idx, void *data)
 
 keep:
 	if (act == ACT_REMOVE) {
-		if (!bpf_map_delete_elem(&cti_records, &key))
+		if (!rec_delete(c->zone, c->pos))
 			__sync_fetch_and_add(&c->zm->removed, 1);
 		goto next;
 	}
 	/* survivor: move it to a fresh slot at the head to keep the zone compact */
 	nslot = __sync_fetch_and_add(&c->zm->head, 1);
-	nkey = cti_key(c->zone, nslot);
-	if (bpf_map_update_elem(&cti_records, &nkey, &r, BPF_NOEXIST) == 0)
-		bpf_map_delete_elem(&cti_records, &key);
+	if (rec_insert(c->zone, nslot, &r) == 0)
+		rec_delete(c->zone, c->pos);
 	else
 		c->stuck = 1; /* map full: leave it in place */
 	__sync_fetch_and_add(&c->zm->done, 1);
@@ -635,6 +800,38 @@ next:
 	if (!c->stuck)
 		c->new_tail = c->pos;
 	return 0;
+}
+
+/* CTI_OP_ADD: append the n records behind the request. Its own stack
+ * frame (the reaper's and reap_one's fill the rest). Returns the records
+ * read << 32 | those lost. */
+static __noinline __u64 add_records(struct xdp_md *ctx, struct cti_zone *zm, __u32 zone,
+				    __u32 n)
+{
+	__u32 i, lost = 0, added = 0, zero = 0;
+	struct cti_stats *st;
+
+	if (!zm)
+		return 0;
+	for (i = 0; i < CTI_ADD_MAX && i < n; i++) {
+		struct cti_record rec;
+
+		if (bpf_xdp_load_bytes(ctx, sizeof(struct cti_reap_args) + i * sizeof(rec), &rec,
+				       sizeof(rec)))
+			break;
+		if (rec.zone != zone)
+			continue;
+		if (!(rec.zone_dir & CTI_ZONE_DIR_BOTH))
+			rec.zone_dir = CTI_ZONE_DIR_BOTH;
+		if (cti_append(zm, zone, &rec))
+			lost++;
+		else
+			added++;
+	}
+	st = bpf_map_lookup_elem(&cti_stats, &zero);
+	if (st)
+		st->seeded += added;
+	return (__u64)i << 32 | lost;
 }
 
 /* The reply of a request that read its payload with bpf_xdp_load_bytes:
@@ -683,31 +880,10 @@ int cti_reap(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	if (c.op == CTI_OP_ADD) {
-		__u32 i, n = a->budget, lost = 0, added = 0;
+		__u32 n = a->budget;
+		__u64 res = add_records(ctx, c.zm, c.zone, n);
 
-		for (i = 0; i < CTI_ADD_MAX && i < n; i++) {
-			struct cti_record rec;
-
-			if (bpf_xdp_load_bytes(ctx, sizeof(*a) + i * sizeof(rec), &rec,
-					       sizeof(rec)))
-				break;
-			if (rec.zone != c.zone)
-				continue;
-			if (!(rec.zone_dir & CTI_ZONE_DIR_BOTH))
-				rec.zone_dir = CTI_ZONE_DIR_BOTH;
-			if (cti_append(c.zm, c.zone, &rec))
-				lost++;
-			else
-				added++;
-		}
-		{
-			__u32 zero = 0;
-			struct cti_stats *st = bpf_map_lookup_elem(&cti_stats, &zero);
-
-			if (st)
-				st->seeded += added;
-		}
-		return reply_done(ctx, i, lost);
+		return reply_done(ctx, res >> 32, (__u32)res);
 	}
 	if (c.op == CTI_OP_DROP) {
 		struct cti_stats *st;
@@ -715,13 +891,12 @@ int cti_reap(struct xdp_md *ctx)
 
 		st = bpf_map_lookup_elem(&cti_stats, &zero);
 		for (i = 0; i < CTI_DROP_MAX && i < n; i++) {
-			__u64 slot, key;
+			__u64 slot;
 
 			if (bpf_xdp_load_bytes(ctx, sizeof(*a) + i * sizeof(slot), &slot,
 					       sizeof(slot)))
 				break;
-			key = cti_key(c.zone, slot);
-			if (bpf_map_delete_elem(&cti_records, &key))
+			if (rec_delete(c.zone, slot))
 				continue;
 			/* counted in maps, not in a register: keeps the loop's states few */
 			__sync_fetch_and_add(&c.zm->removed, 1);
@@ -759,8 +934,12 @@ int cti_reap(struct xdp_md *ctx)
 	bpf_loop(budget, reap_one, &c, 0);
 
 	/* only the reaper moves tail; one reaper per zone at a time */
-	if (c.new_tail > c.zm->tail)
+	if (c.new_tail > c.zm->tail) {
+		__u64 old_tail = c.zm->tail;
+
 		c.zm->tail = c.new_tail;
+		free_chunks_below(c.zone, c.zm, old_tail, c.new_tail);
+	}
 
 	a->status = 0;
 	a->end = c.end;

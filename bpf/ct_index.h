@@ -15,9 +15,13 @@
 
 /* Zone ids are u16: the zone table is an array indexed by zone id. */
 #define CTI_MAX_ZONES 65536
-/* Default capacity of the record hash map (records, all zones). */
+/* Default capacity of the record map (records, all zones). */
 #define CTI_DEFAULT_MAX_RECORDS 262144
-/* Record key = (zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK). */
+/* Records live in chunks of CTI_CHUNK_SLOTS consecutive slots of one zone:
+ * one hash element (2 KiB with its header) per 31 records, so storing a
+ * record is a lookup and a copy, and a hash insert only once per chunk.
+ * Chunk key = (zone << CTI_SLOT_BITS) | (slot / CTI_CHUNK_SLOTS). */
+#define CTI_CHUNK_SLOTS 31
 #define CTI_SLOT_BITS 48
 #define CTI_SLOT_MASK 0xffffffffffff
 /* Upper bound of records visited by one BPF_PROG_TEST_RUN of the reaper. */
@@ -74,6 +78,16 @@ struct cti_record {
 	                              entries without a lookup */
 };
 
+/* One slot of a chunk: a record, published once seq == slot + 1; 0 when
+ * empty (never written, or its record deleted: slots are never reused). */
+struct cti_slot {
+	struct cti_record rec;
+	unsigned long long seq;
+};
+struct cti_chunk {
+	struct cti_slot s[CTI_CHUNK_SLOTS];
+};
+
 /* Per-zone bookkeeping, BPF array indexed by zone id. 72 bytes. */
 struct cti_zone {
 	unsigned long long head;   /* next slot to reserve (monotonic) */
@@ -112,7 +126,7 @@ struct cti_meta {
 	unsigned long long attached_ns;  /* nsfs inode of that netns */
 	unsigned long long version;      /* layout version (CTI_META_VERSION) */
 };
-#define CTI_META_VERSION 2
+#define CTI_META_VERSION 3
 
 struct cti_filter {
 	unsigned int flags;        /* CTI_F_* */

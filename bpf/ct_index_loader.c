@@ -66,7 +66,7 @@ struct cti {
 	struct ct_index *skel;	/* NULL when opened from the pins (cti_open) */
 	int netns_fd;
 	/* the maps and the reaper: the skeleton's, or from the pins (owned) */
-	int fd_records, fd_zones, fd_stats, fd_meta, fd_expired, fd_reap;
+	int fd_records, fd_zones, fd_stats, fd_meta, fd_expired, fd_empty, fd_reap;
 	int own_fds;
 	long long max_records;
 	int preallocated;	/* the record map has no BPF_F_NO_PREALLOC */
@@ -74,8 +74,8 @@ struct cti {
 };
 
 static const char *const cti_map_pins[] = { "cti_records", "cti_zones", "cti_stats", "cti_meta",
-					     "cti_expired" };
-#define CTI_NMAPS 5
+					     "cti_expired", "cti_empty_chunk" };
+#define CTI_NMAPS 6
 /* the reaper is pinned as REAP_PIN_PREFIX<digest of this BPF object>: a pin
  * made by another build of the object is never run against these maps */
 #define REAP_PIN_PREFIX "prog_reap_"
@@ -184,7 +184,7 @@ int cti_check_dir(const char *dir)
 static int *map_fd_slot(struct cti *c, int i)
 {
 	int *slots[CTI_NMAPS] = { &c->fd_records, &c->fd_zones, &c->fd_stats, &c->fd_meta,
-				  &c->fd_expired };
+				  &c->fd_expired, &c->fd_empty };
 
 	return slots[i];
 }
@@ -208,12 +208,18 @@ static int reap_pin_path(const struct cti *c, char *buf, size_t len)
 	return pin_path(c, name, buf, len);
 }
 
-/* Was the pinned record map made with another size (when one is asked for),
- * or on demand when preallocation is asked for? */
+/* Chunks that hold max_records records. */
+static __u32 chunks_for(unsigned int max_records)
+{
+	return (__u32)(((unsigned long long)max_records + CTI_CHUNK_SLOTS - 1) / CTI_CHUNK_SLOTS);
+}
+
+/* Was the pinned record map (max_entries chunks) made with another size
+ * (when one is asked for), or on demand when preallocation is asked for? */
 static int other_layout(__u32 max_entries, __u32 map_flags, unsigned int max_records,
 			unsigned int flags)
 {
-	return (max_records && max_entries != max_records) ||
+	return (max_records && max_entries != chunks_for(max_records)) ||
 	       ((flags & CTI_OPEN_PREALLOC) && (map_flags & BPF_F_NO_PREALLOC));
 }
 
@@ -258,7 +264,7 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 			return -errno;
 		ids[i] = minfo.id;
 		if (i == 0) {
-			c->max_records = minfo.max_entries;
+			c->max_records = (long long)minfo.max_entries * CTI_CHUNK_SLOTS;
 			records_flags = minfo.map_flags;
 			c->preallocated = !(records_flags & BPF_F_NO_PREALLOC);
 		}
@@ -281,7 +287,8 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 	}
 	if ((mask & 3) != 3)
 		return -ESTALE;
-	return other_layout(c->max_records, records_flags, max_records, flags) ? -ERANGE : 0;
+	return other_layout(c->max_records / CTI_CHUNK_SLOTS, records_flags, max_records, flags) ?
+		-ERANGE : 0;
 }
 
 static void close_fds(struct cti *c)
@@ -296,7 +303,8 @@ static void close_fds(struct cti *c)
 			close(c->fd_reap);
 	}
 	c->own_fds = 0;
-	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = c->fd_reap = -1;
+	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = -1;
+	c->fd_empty = c->fd_reap = -1;
 }
 
 /* Remove reaper pins of other builds (after an upgrade) and pin ours. */
@@ -345,7 +353,8 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	if (!c)
 		return -ENOMEM;
 	c->netns_fd = -1;
-	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = c->fd_reap = -1;
+	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = -1;
+	c->fd_empty = c->fd_reap = -1;
 	strcpy(c->dir, pin_dir);
 	if (mkdir(c->dir, 0700) && errno != EEXIST) {
 		err = -errno;
@@ -380,7 +389,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 			c->skel->progs.cti_record, CTI_ATTACH_NETFILTER);
 	if (!err && max_records)
 		err = bpf_map__set_max_entries(c->skel->maps.cti_records,
-					       max_records);
+					       chunks_for(max_records));
 	if (!err && (flags & CTI_OPEN_PREALLOC))
 		err = bpf_map__set_map_flags(c->skel->maps.cti_records,
 			bpf_map__map_flags(c->skel->maps.cti_records) & ~BPF_F_NO_PREALLOC);
@@ -428,8 +437,10 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	c->fd_stats = bpf_map__fd(c->skel->maps.cti_stats);
 	c->fd_meta = bpf_map__fd(c->skel->maps.cti_meta);
 	c->fd_expired = bpf_map__fd(c->skel->maps.cti_expired);
+	c->fd_empty = bpf_map__fd(c->skel->maps.cti_empty_chunk);
 	c->fd_reap = bpf_program__fd(c->skel->progs.cti_reap);
-	c->max_records = bpf_map__max_entries(c->skel->maps.cti_records);
+	c->max_records = (long long)bpf_map__max_entries(c->skel->maps.cti_records) *
+			 CTI_CHUNK_SLOTS;
 	c->preallocated = !(bpf_map__map_flags(c->skel->maps.cti_records) & BPF_F_NO_PREALLOC);
 	err = pin_reaper(c);
 	if (err)
@@ -738,6 +749,7 @@ long long cti_add_records(struct cti *c, unsigned int zone,
 int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf,
 			unsigned long long *slots, unsigned int n)
 {
+	static __thread struct cti_chunk chunk_buf;
 	struct cti_zone z;
 	unsigned long long slot;
 	unsigned int cnt = 0;
@@ -747,16 +759,30 @@ int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf
 	if (err)
 		return err;
 	fd = c->fd_records;
-	for (slot = z.tail; slot < z.head && cnt < n; slot++) {
-		__u64 key = ((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK);
+	/* one lookup per chunk; a slot holds its record once seq == slot + 1 */
+	for (slot = z.tail; slot < z.head && cnt < n;) {
+		unsigned long long chunk = slot / CTI_CHUNK_SLOTS;
+		unsigned long long end = (chunk + 1) * CTI_CHUNK_SLOTS;
+		__u64 key = ((__u64)zone << CTI_SLOT_BITS) | (chunk & CTI_SLOT_MASK);
 
-		if (bpf_map_lookup_elem(fd, &key, &buf[cnt]) == 0) {
+		if (end > z.head)
+			end = z.head;
+		if (bpf_map_lookup_elem(fd, &key, &chunk_buf)) {
+			if (errno != ENOENT)
+				return -errno;
+			slot = end;   /* no chunk: holes */
+			continue;
+		}
+		for (; slot < end && cnt < n; slot++) {
+			const struct cti_slot *sl = &chunk_buf.s[slot % CTI_CHUNK_SLOTS];
+
+			if (sl->seq != slot + 1)
+				continue;
+			buf[cnt] = sl->rec;
 			if (slots)
 				slots[cnt] = slot;
 			cnt++;
 		}
-		else if (errno != ENOENT)
-			return -errno;
 	}
 	return (int)cnt;
 }

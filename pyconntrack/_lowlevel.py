@@ -18,6 +18,9 @@ if lib.PCT_ABI_VERSION != ABI_VERSION:  # a stale build next to newer Python cod
     raise ImportError(f"pyconntrack._pct ABI {lib.PCT_ABI_VERSION} != {ABI_VERSION}: rebuild")
 
 K_FAMILY = lib.PCT_K_FAMILY
+# the index's record map: chunks of this many slots, each this big
+CHUNK_SLOTS = lib.CTI_CHUNK_SLOTS
+CHUNK_BYTES = ffi.sizeof("struct cti_chunk")
 K_MARK = lib.PCT_K_MARK
 K_ZONE = lib.PCT_K_ZONE
 K_TUPLE_V4 = lib.PCT_K_TUPLE_V4

@@ -592,7 +592,8 @@ class Conntrack:
         index_mod.gc()
         with self._lock:
             if self._zone_index is not None and (
-                    (max_records and max_records != self._zone_index.max_records())
+                    (max_records and index_mod.capacity(max_records)
+                     != self._zone_index.max_records())
                     or (preallocate and not self._zone_index.preallocated())):
                 raise ConntrackError(index_mod.OTHER_LAYOUT, 34, "attach")
             if self._zone_index is None:

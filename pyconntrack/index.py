@@ -46,17 +46,18 @@ LINK_PINS = ("link_ip4_pre", "link_ip4_out", "link_ip6_pre", "link_ip6_out")
 REAPER_PIN_PREFIX = "prog_reap_"
 DEFAULT_MAX_RECORDS = 262144
 MAX_ZONES = 65536
-# Measured on 6.18: a record is a 104-byte hash element served from
-# kmalloc-128 (~136 B with allocator overhead), plus 16 B per hash bucket
-# (buckets = max_records rounded up to a power of two), plus the 3 MiB
-# per-zone table (72 B per zone). A preallocated map (--preallocate) holds
-# max_records elements of 112 B (the 48 B element header, key, record) from
-# the start.
-BYTES_PER_RECORD = 136
+# Records live in chunks of CHUNK_SLOTS consecutive slots of a zone: one hash
+# element of 2,040 B (the 48 B element header, the key, 31 slots of 64 B)
+# per chunk, served from the 2 KiB size class when allocated as recorded,
+# plus 16 B per hash bucket (buckets = chunks rounded up to a power of two),
+# plus the 4.5 MiB per-zone table (72 B per zone). A preallocated map
+# (--preallocate) holds every chunk from the start.
+CHUNK_SLOTS = ll.CHUNK_SLOTS
+BYTES_PER_PREALLOCATED_CHUNK = 48 + 8 + ll.CHUNK_BYTES
+BYTES_PER_CHUNK = 1 << (BYTES_PER_PREALLOCATED_CHUNK - 1).bit_length()   # its size class
 # what attaching again with another size or kind of record map says
 OTHER_LAYOUT = ("the index of this namespace is attached with another --max-records "
                 "or without --preallocate; detach it first to change them")
-BYTES_PER_PREALLOCATED_RECORD = 112
 BYTES_PER_BUCKET = 16
 ZONE_TABLE_BYTES = MAX_ZONES * 72
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -231,15 +232,25 @@ def refused_for_privileges(reason: str) -> bool:
     return "CAP_BPF" in reason
 
 
+def chunks_for(max_records: int) -> int:
+    """Chunks that hold max_records records."""
+    return -(-max_records // CHUNK_SLOTS)
+
+
+def capacity(max_records: int) -> int:
+    """Records an index asked for max_records holds: whole chunks."""
+    return chunks_for(max_records) * CHUNK_SLOTS
+
+
 def _bucket_bytes(max_records: int) -> int:
-    """The record map's hash buckets: max_records rounded up to a power of two."""
-    return (1 << max(0, (max_records - 1).bit_length()) if max_records else 0) \
-        * BYTES_PER_BUCKET
+    """The record map's hash buckets: its chunks rounded up to a power of two."""
+    chunks = chunks_for(max_records)
+    return (1 << max(0, (chunks - 1).bit_length()) if chunks else 0) * BYTES_PER_BUCKET
 
 
 def preallocation_bytes(max_records: int) -> int:
-    """What ``--preallocate`` takes at attach: every element, and the buckets."""
-    return max_records * BYTES_PER_PREALLOCATED_RECORD + _bucket_bytes(max_records)
+    """What ``--preallocate`` takes at attach: every chunk, and the buckets."""
+    return chunks_for(max_records) * BYTES_PER_PREALLOCATED_CHUNK + _bucket_bytes(max_records)
 
 
 def _mem_available() -> Optional[int]:
@@ -567,10 +578,13 @@ class ZoneIndex:
 
     def status(self) -> dict:
         zones: Dict[int, dict] = {}
+        chunks = 0   # the chunks the zones' windows span: at most this many exist
         for z in range(MAX_ZONES):
             st = self._ix.zone_stats(z)
             if st["head"] != st["tail"] or st["failed"]:
                 zones[z] = {"records": st["added"] - st["removed"], "dirty": st["failed"]}
+            if st["head"] > st["tail"]:
+                chunks += (st["head"] - 1) // CHUNK_SLOTS - st["tail"] // CHUNK_SLOTS + 1
         records = self.live_records()
         max_records = self._ix.max_records()
         preallocated = self._ix.preallocated()
@@ -578,8 +592,8 @@ class ZoneIndex:
             memory = memory_max = preallocation_bytes(max_records) + ZONE_TABLE_BYTES
         else:
             fixed = _bucket_bytes(max_records) + ZONE_TABLE_BYTES
-            memory = records * BYTES_PER_RECORD + fixed
-            memory_max = max_records * BYTES_PER_RECORD + fixed
+            memory = min(chunks, chunks_for(max_records)) * BYTES_PER_CHUNK + fixed
+            memory_max = chunks_for(max_records) * BYTES_PER_CHUNK + fixed
         return {
             "attached": all(os.path.exists(os.path.join(self.dir, n)) for n in LINK_PINS),
             "pin_dir": self.dir,
@@ -591,8 +605,8 @@ class ZoneIndex:
             "preallocated": preallocated,
             "memory_bytes": memory,
             "memory_max_bytes": memory_max,
-            "bytes_per_record": BYTES_PER_PREALLOCATED_RECORD if preallocated
-            else BYTES_PER_RECORD,
+            "bytes_per_record": round((BYTES_PER_PREALLOCATED_CHUNK if preallocated
+                                       else BYTES_PER_CHUNK) / CHUNK_SLOTS),
             "hook_stats": self._ix.stats(),
         }
 

@@ -488,7 +488,10 @@ def test_status_counts_records_that_exist(topo, host):
     host.attach_index(max_records=256)
     topo.send("udp", 4, 5, 600)
     status = host.index_status()
-    assert status["zones"][5]["records"] <= 256 and status["records"] <= 256
+    # records are kept in chunks of 31: 256 asked for is 9 chunks, 279 records
+    assert 256 <= status["max_records"] < 256 + 31
+    assert status["zones"][5]["records"] <= status["max_records"] \
+        and status["records"] <= status["max_records"]
     assert 5 in status["dirty_zones"]
     assert status["memory_bytes"] > 0 and status["memory_max_bytes"] >= status["memory_bytes"]
 
@@ -504,6 +507,12 @@ def _record_map_flags(pin_dir):
 BPF_F_NO_PREALLOC = 1
 
 
+def _map_info(pin_dir, name):
+    return json.loads(subprocess.run(["bpftool", "-j", "map", "show", "pinned",
+                                      os.path.join(pin_dir, name)],
+                                     capture_output=True, text=True, check=True).stdout)
+
+
 def test_preallocated_index_serves_deletes_and_states_its_memory(topo, host):
     ns = topo.host_netns
     r = cli("index", "attach", "--netns", ns, "--max-records", "4096", "--preallocate",
@@ -515,9 +524,13 @@ def test_preallocated_index_serves_deletes_and_states_its_memory(topo, host):
     topo.send("udp", 4, 6, 100)
     status = host.index_status()
     assert status["preallocated"] is True and status["records"] == 400
-    # the whole map from the start: 4096 elements, 4096 buckets, the zone table
+    # the whole map from the start: 4096 records are 133 chunks of 31, each
+    # a 2,040 B element as the kernel sizes it (bpftool), 256 buckets, the
+    # zone table
+    info = _map_info(pin_dir, "cti_records")
+    assert info["max_entries"] == 133 and info["bytes_value"] + info["bytes_key"] + 48 == 2040
     assert status["memory_bytes"] == status["memory_max_bytes"] \
-        == 4096 * 112 + 4096 * 16 + 65536 * 72
+        == 133 * 2040 + 256 * 16 + 65536 * 72
     res = host.delete(Filter(zone=5))
     assert res.strategy == "index" and res.deleted == 300, res
     assert listed(ns, 5) == [] and len(listed(ns, 6)) == 100   # conntrack-tools
@@ -606,7 +619,8 @@ def test_an_index_delete_reads_the_table_count_once(topo, host, monkeypatch):
 
 def test_preallocating_more_than_half_the_available_memory_is_refused(topo, host, monkeypatch):
     monkeypatch.setattr(index_mod, "_mem_available", lambda: 1 << 19)   # 0.5 MiB left
-    with pytest.raises(ConntrackError, match=r"would take 0\.5 MiB for 4096 records up front, "
+    # 4096 records: 133 chunks of 2,040 B and 256 buckets of 16 B, 0.26 MiB
+    with pytest.raises(ConntrackError, match=r"would take 0\.3 MiB for 4096 records up front, "
                                              r"more than half of the 0\.5 MiB available") as exc:
         host.attach_index(max_records=4096, preallocate=True)
     assert exc.value.errno == 12
