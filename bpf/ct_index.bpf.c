@@ -252,23 +252,22 @@ static __noinline void free_chunks_below(__u32 zone, struct cti_zone *zm, __u64 
 }
 
 /* Reserve a slot, publish the record, then count the attempt done.
- * Returns -1 when the record could not be stored: the zone is then marked
- * dirty, so the index is never silently incomplete. */
-static __always_inline int cti_append(struct cti_zone *zm, __u32 zone,
-				      const struct cti_record *rec)
+ * Returns the slot, or -1 when the record could not be stored: the zone is
+ * then marked dirty, so the index is never silently incomplete. */
+static __always_inline long long cti_append(struct cti_zone *zm, __u32 zone,
+					    const struct cti_record *rec)
 {
-	__u64 slot;
-	int lost = 0;
+	long long slot;
 
 	slot = __sync_fetch_and_add(&zm->head, 1);
 	if (rec_insert(zone, slot, rec)) {
 		__sync_fetch_and_add(&zm->failed, 1);
-		lost = -1;
+		slot = -1;
 	} else {
 		__sync_fetch_and_add(&zm->added, 1);
 	}
 	__sync_fetch_and_add(&zm->done, 1);
-	return lost;
+	return slot;
 }
 
 /* ------------------------------------------------------------------ */
@@ -437,7 +436,7 @@ struct prune_ctx {
 	__u32 now;
 };
 
-/* Amortised pruning: with each record stored, look at the zone's oldest
+/* Amortised pruning: with every CTI_PRUNE_EVERY-th record of a zone, look at its oldest
  * slots; drop records of freed entries, move live ones to the head. Keeps a
  * churning zone's window (and the map) at its live entries without cleanups.
  * Skipped while a reaper pass runs on the zone (it moves the tail itself); a
@@ -501,12 +500,13 @@ static __always_inline void cti_prune_tail(struct cti_zone *zm, __u32 zone,
 {
 	struct prune_ctx p = { .zm = zm, .st = st, .zone = zone, .now = now };
 
-	bpf_loop(CTI_PRUNE_PER_APPEND, prune_step, &p, 0);
+	bpf_loop(CTI_PRUNE_PER_APPEND * CTI_PRUNE_EVERY, prune_step, &p, 0);
 }
 
 /* Read a new entry and store its record; its zone and clock for the
  * pruning. Its own stack frame (not inlined): the hook's frame, the pruning
- * step's and read_ct's together fit the 512 bytes of stack. 0: stored. */
+ * step's and read_ct's together fit the 512 bytes of stack. 0: stored, and
+ * it is the zone's turn to prune; 1: stored; -1: not stored. */
 static __noinline int record_new(struct nf_conn *ct, __u32 hook, struct cti_stats *st,
 				 __u32 *zone_out, __u32 *now_out)
 {
@@ -514,6 +514,7 @@ static __noinline int record_new(struct nf_conn *ct, __u32 hook, struct cti_stat
 	struct nf_conntrack_tuple *t = &v.t;
 	struct cti_record rec = {};
 	struct cti_zone *zm;
+	long long slot;
 	__u32 zone;
 
 	if (!st)
@@ -543,14 +544,15 @@ static __noinline int record_new(struct nf_conn *ct, __u32 hook, struct cti_stat
 	zm = bpf_map_lookup_elem(&cti_zones, &zone);
 	if (!zm)
 		return -1;
-	if (cti_append(zm, zone, &rec)) {
+	slot = cti_append(zm, zone, &rec);
+	if (slot < 0) {
 		st->failed++;
 		return -1;
 	}
 	st->recorded++;
 	*zone_out = zone;
 	*now_out = rec.ts_sec;
-	return 0;
+	return slot % CTI_PRUNE_EVERY ? 1 : 0;
 }
 
 SEC("netfilter")
@@ -823,7 +825,7 @@ static __noinline __u64 add_records(struct xdp_md *ctx, struct cti_zone *zm, __u
 			continue;
 		if (!(rec.zone_dir & CTI_ZONE_DIR_BOTH))
 			rec.zone_dir = CTI_ZONE_DIR_BOTH;
-		if (cti_append(zm, zone, &rec))
+		if (cti_append(zm, zone, &rec) < 0)
 			lost++;
 		else
 			added++;

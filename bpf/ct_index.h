@@ -192,8 +192,12 @@ struct cti_expired_sec {
 
 /* The hook prunes a zone's tail only beyond this many slots. */
 #define CTI_PRUNE_MIN_WINDOW 64
-/* Tail slots the hook examines per record it stores. */
+/* Tail slots the hook examines per record it stores: up to
+ * CTI_PRUNE_PER_APPEND * CTI_PRUNE_EVERY with every CTI_PRUNE_EVERY-th record
+ * of a zone (a zone whose oldest record is alive is then looked at once per
+ * CTI_PRUNE_EVERY new connections, not on each). */
 #define CTI_PRUNE_PER_APPEND 2
+#define CTI_PRUNE_EVERY 4
 /* A live record at the tail is moved to the head only when older than this
  * (seconds): younger ones are waited for (they are the oldest of the zone). */
 #define CTI_PRUNE_MOVE_AGE 30
