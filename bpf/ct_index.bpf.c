@@ -155,7 +155,7 @@ static __always_inline int rec_insert(__u32 zone, __u64 slot, const struct cti_r
 	if (!s || s->seq)
 		return -1;
 	s->rec = *rec;
-	__sync_lock_test_and_set(&s->seq, slot + 1);   /* publish: a full barrier */
+	__sync_lock_test_and_set(&s->seq, cti_key(zone, slot) + 1);   /* publish: a full barrier */
 	return 0;
 }
 
@@ -166,7 +166,7 @@ static __always_inline int rec_lookup(__u32 zone, __u64 slot, struct cti_record 
 {
 	struct cti_slot *s = slot_at(zone, slot, 0);
 
-	if (!s || __sync_fetch_and_add(&s->seq, 0) != slot + 1)
+	if (!s || __sync_fetch_and_add(&s->seq, 0) != cti_key(zone, slot) + 1)
 		return -1;
 	*out = s->rec;
 	return 0;
@@ -177,7 +177,8 @@ static __always_inline int rec_delete(__u32 zone, __u64 slot)
 {
 	struct cti_slot *s = slot_at(zone, slot, 0);
 
-	if (!s || __sync_val_compare_and_swap(&s->seq, slot + 1, 0) != slot + 1)
+	if (!s || __sync_val_compare_and_swap(&s->seq, cti_key(zone, slot) + 1, 0) !=
+		  cti_key(zone, slot) + 1)
 		return -1;
 	return 0;
 }

@@ -78,8 +78,10 @@ struct cti_record {
 	                              entries without a lookup */
 };
 
-/* One slot of a chunk: a record, published once seq == slot + 1; 0 when
- * empty (never written, or its record deleted: slots are never reused). */
+/* One slot of a chunk: a record, published once seq == its key + 1 (zone <<
+ * CTI_SLOT_BITS | slot, + 1: unique, also if a freed chunk's memory is
+ * reused at once, as a preallocated map does); 0 when empty (never written,
+ * or its record deleted: slots are never reused). */
 struct cti_slot {
 	struct cti_record rec;
 	unsigned long long seq;

@@ -749,7 +749,7 @@ long long cti_add_records(struct cti *c, unsigned int zone,
 int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf,
 			unsigned long long *slots, unsigned int n)
 {
-	static __thread struct cti_chunk chunk_buf;
+	static __thread struct cti_chunk chunk_buf[2];
 	struct cti_zone z;
 	unsigned long long slot;
 	unsigned int cnt = 0;
@@ -759,7 +759,7 @@ int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf
 	if (err)
 		return err;
 	fd = c->fd_records;
-	/* one lookup per chunk; a slot holds its record once seq == slot + 1 */
+	/* a slot holds its record once seq == its key + 1 */
 	for (slot = z.tail; slot < z.head && cnt < n;) {
 		unsigned long long chunk = slot / CTI_CHUNK_SLOTS;
 		unsigned long long end = (chunk + 1) * CTI_CHUNK_SLOTS;
@@ -767,17 +767,25 @@ int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf
 
 		if (end > z.head)
 			end = z.head;
-		if (bpf_map_lookup_elem(fd, &key, &chunk_buf)) {
+		/* Records are written in place, then published: a copy of the
+		 * chunk made while one is written may show it published with the
+		 * record only half copied. A second copy, made after the first
+		 * showed it published, holds it whole (it is never rewritten). */
+		if (bpf_map_lookup_elem(fd, &key, &chunk_buf[0]) ||
+		    bpf_map_lookup_elem(fd, &key, &chunk_buf[1])) {
 			if (errno != ENOENT)
 				return -errno;
-			slot = end;   /* no chunk: holes */
+			slot = end;   /* no chunk (or freed meanwhile): holes */
 			continue;
 		}
 		for (; slot < end && cnt < n; slot++) {
-			const struct cti_slot *sl = &chunk_buf.s[slot % CTI_CHUNK_SLOTS];
+			const struct cti_slot *seen = &chunk_buf[0].s[slot % CTI_CHUNK_SLOTS];
+			const struct cti_slot *sl = &chunk_buf[1].s[slot % CTI_CHUNK_SLOTS];
 
-			if (sl->seq != slot + 1)
-				continue;
+			__u64 want = (((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK)) + 1;
+
+			if (seen->seq != want || sl->seq != want)
+				continue;   /* not yet published, or deleted meanwhile */
 			buf[cnt] = sl->rec;
 			if (slots)
 				slots[cnt] = slot;
