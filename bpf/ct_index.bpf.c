@@ -18,10 +18,11 @@
  * appends reserve a slot with an atomic add on head.  Slots live in chunks
  * of 31, one hash element each keyed by (zone << 48 | slot / 31): storing a
  * record is a chunk lookup and a copy (a hash insert once per chunk), and a
- * chunk is freed when the zone's tail passes it.  A reaper pass moves surviving records to
- * fresh slots at the head, so after a complete pass [tail, head) holds only
- * records that survived plus newer ones: walking a zone costs
- * O(records of that zone), independent of the conntrack table size.
+ * chunk is freed when the zone's tail passes it.  A reaper pass moves
+ * surviving records to fresh slots at the head, so after a complete pass
+ * [tail, head) holds only records that survived plus newer ones: walking a
+ * zone costs O(records of that zone), independent of the conntrack table
+ * size.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
