@@ -496,6 +496,32 @@ def test_status_counts_records_that_exist(topo, host):
     assert status["memory_bytes"] > 0 and status["memory_max_bytes"] >= status["memory_bytes"]
 
 
+def _chunks(pin_dir):
+    """Elements of the record map as the kernel holds them (bpftool)."""
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned",
+                          os.path.join(pin_dir, "cti_records")],
+                         capture_output=True, text=True, check=True).stdout
+    return len(json.loads(out))
+
+
+def test_records_live_in_chunks_freed_once_the_zone_is_cleaned(topo, host):
+    """31 records per element of the record map; a zone's chunks go when
+    its cleanup has passed them, the other zones' stay."""
+    ns = topo.host_netns
+    pin_dir = host.attach_index(max_records=8192).pin_dir
+    topo.send("udp", 4, 5, 310)                     # slots 0..309: 10 chunks
+    topo.send("udp", 4, 6, 31)                      # 1 chunk
+    assert _chunks(pin_dir) == 11
+    res = host.delete(Filter(zone=5))
+    assert res.strategy == "index" and res.deleted == 310, res
+    assert listed(ns, 5) == [] and len(listed(ns, 6)) == 31      # conntrack-tools
+    assert _chunks(pin_dir) == 1
+    status = host.index_status()
+    assert status["records"] == 31 and 5 not in status["zones"]
+    assert host.delete(Filter(zone=6)).deleted == 31
+    assert _chunks(pin_dir) == 0 and listed(ns, 6) == []
+
+
 def _record_map_flags(pin_dir):
     """The kernel's own view of the record map (bpftool), not ours."""
     out = subprocess.run(["bpftool", "-j", "map", "show", "pinned",
