@@ -415,7 +415,9 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 			memset(&info, 0, sizeof(info));
 			err = bpf_obj_get_info_by_fd(fd, &info, &len);
 			close(fd);
-			if (!err && other_layout(info.max_entries, info.map_flags, max_records,
+			if (!err && info.value_size != sizeof(struct cti_chunk))
+				err = -EPROTO; /* attached by a build with another record layout */
+			else if (!err && other_layout(info.max_entries, info.map_flags, max_records,
 						 flags))
 				err = -ERANGE; /* attached with another size or layout */
 			else if (!err)

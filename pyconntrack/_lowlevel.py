@@ -21,6 +21,7 @@ K_FAMILY = lib.PCT_K_FAMILY
 # the index's record map: chunks of this many slots, each this big
 CHUNK_SLOTS = lib.CTI_CHUNK_SLOTS
 CHUNK_BYTES = ffi.sizeof("struct cti_chunk")
+META_VERSION = lib.CTI_META_VERSION
 K_MARK = lib.PCT_K_MARK
 K_ZONE = lib.PCT_K_ZONE
 K_TUPLE_V4 = lib.PCT_K_TUPLE_V4

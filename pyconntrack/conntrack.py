@@ -532,9 +532,14 @@ class Conntrack:
         if not caps.netfilter_bpf:
             return None
         if self._zone_index is None:
-            ix = index_mod.ZoneIndex(
-                self._path, self.netns,
-                known=(caps.netfilter_bpf, caps.zoned_kfuncs, caps.index_error))
+            try:
+                ix = index_mod.ZoneIndex(
+                    self._path, self.netns,
+                    known=(caps.netfilter_bpf, caps.zoned_kfuncs, caps.index_error))
+            except ConntrackError as exc:
+                if exc.errno != _errno.EPROTO:
+                    raise
+                return None   # attached by another version: deletes walk meanwhile
             if ix.stale():  # pins of a gone namespace that had the same inode
                 ix.detach()
                 ix.close()
@@ -608,6 +613,10 @@ class Conntrack:
         with self._lock:
             ix = self._index()
             if ix is None:
+                if index_mod.is_attached(self._path):   # by another version
+                    index_mod.detach_pin_dir(index_mod.pin_dir(self._path,
+                                                               index_mod.pin_root()))
+                    return True
                 index_mod.gc()
                 return False
             ix.detach()
@@ -621,8 +630,10 @@ class Conntrack:
             ix = self._index()
             if ix is None:
                 caps = self.capabilities()
+                other = caps.netfilter_bpf and index_mod.is_attached(self._path)
                 return {"attached": False, "available": caps.netfilter_bpf,
-                        "reason": caps.index_error or _not_attached_reason()}
+                        "reason": index_mod.OTHER_VERSION if other
+                        else caps.index_error or _not_attached_reason()}
             return {**ix.status(), "available": True,
                     "blind_spot": ix.blind_spot(self._h())}
 

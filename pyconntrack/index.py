@@ -59,6 +59,10 @@ BYTES_PER_CHUNK = 1 << (BYTES_PER_PREALLOCATED_CHUNK - 1).bit_length()   # its s
 OTHER_LAYOUT = ("the index of this namespace is attached with another --max-records "
                 "or without --preallocate; detach it first to change them")
 BYTES_PER_BUCKET = 16
+# what an index attached by a version with another record layout says
+OTHER_VERSION = ("the index of this namespace was attached by another version of pyconntrack "
+                 "(another record layout): deletes walk the table meanwhile; attach again "
+                 "(it replaces that index) or detach it")
 ZONE_TABLE_BYTES = MAX_ZONES * 72
 BPF_FS_MAGIC = 0xCAFE4A11
 
@@ -434,7 +438,18 @@ class ZoneIndex:
                         "available; attach without it (memory then follows the records) or "
                         "with a smaller --max-records", errno.ENOMEM, "attach")
             try:
-                self._ix = ll.IndexHandle(self.dir, max_records, preallocate and create)
+                try:
+                    self._ix = ll.IndexHandle(self.dir, max_records, preallocate and create)
+                except ConntrackError as exc:
+                    if exc.errno != errno.EPROTO:
+                        raise
+                    if not create:
+                        raise ConntrackError(OTHER_VERSION, errno.EPROTO, "index") from None
+                    # attach replaces an index this version cannot use
+                    self._remove_dir()
+                    existed = False
+                    self._ix = ll.IndexHandle(self.dir, max_records or default_max_records(),
+                                              preallocate)
             except ConntrackError as exc:
                 if not existed:
                     self._remove_dir()
@@ -458,7 +473,7 @@ class ZoneIndex:
             if attach:
                 self._ix.attach(fd)
                 self._ix.set_meta(netns_cookie=ll.netns_cookie(fd),
-                                  attached_ns=os.fstat(fd).st_ino, version=2)
+                                  attached_ns=os.fstat(fd).st_ino, version=ll.META_VERSION)
             else:
                 self._ix.set_netns(fd)
         finally:

@@ -652,3 +652,31 @@ def test_preallocating_more_than_half_the_available_memory_is_refused(topo, host
     assert exc.value.errno == 12
     assert host.index_status()["attached"] is False            # nothing made
     assert not host.attach_index(max_records=4096).already_attached   # on demand: fine
+
+
+def test_an_index_of_another_record_layout_is_walked_around_then_replaced(topo, host):
+    """What an upgrade finds: pins made by a version whose record map holds
+    another value (here one of 56-byte records, the layout before chunks).
+    Deletes must not fail: they walk; attach replaces that index."""
+    ns = topo.host_netns
+    pin_dir = host.attach_index(max_records=4096).pin_dir
+    os.unlink(os.path.join(pin_dir, "cti_records"))
+    subprocess.run(["bpftool", "map", "create", os.path.join(pin_dir, "cti_records"),
+                    "type", "hash", "key", "8", "value", "56", "entries", "1024",
+                    "name", "cti_records", "flags", "1"], check=True)
+    topo.send("udp", 4, 5, 100)
+    topo.send("udp", 4, 6, 20)
+    with Conntrack(ns) as other:                    # another process, this version
+        status = other.index_status()
+        assert status["attached"] is False and "another version" in status["reason"]
+        res = other.delete(Filter(zone=5))
+        assert res.strategy != "index" and res.deleted == 100, res
+        assert listed(ns, 5) == [] and len(listed(ns, 6)) == 20   # conntrack-tools
+        r = other.attach_index()
+        assert not r.already_attached
+        assert _map_info(r.pin_dir, "cti_records")["bytes_value"] == 31 * 64
+        topo.send("udp", 4, 5, 50)
+        res = other.delete(Filter(zone=5))
+        assert res.strategy == "index" and res.deleted == 50, res
+        assert listed(ns, 5) == [] and len(listed(ns, 6)) == 20
+        assert other.detach_index()
