@@ -438,6 +438,15 @@ struct prune_ctx {
 	__u32 now;
 };
 
+/* The pruner moved the zone's tail past slot t: free t's chunk if t was
+ * its last slot (the reaper frees what its passes move past in
+ * free_chunks_below). */
+static __always_inline void tail_passed(struct prune_ctx *p, __u64 t)
+{
+	if ((t + 1) % CTI_CHUNK_SLOTS == 0)
+		free_chunk(p->zone, t / CTI_CHUNK_SLOTS, p->zm, p->st);
+}
+
 /* Amortised pruning: with every CTI_PRUNE_EVERY-th record of a zone, look at its oldest
  * slots; drop records of freed entries, move live ones to the head. Keeps a
  * churning zone's window (and the map) at its live entries without cleanups.
@@ -469,8 +478,7 @@ static long prune_step(__u64 i, void *data)
 			if (alive == CTI_EXPIRED)
 				count_expired(p->now);
 		}
-		if ((t + 1) % CTI_CHUNK_SLOTS == 0)
-			free_chunk(p->zone, t / CTI_CHUNK_SLOTS, zm, p->st);
+		tail_passed(p, t);
 		return 0;
 	}
 	/* alive and young: it is the zone's oldest record, so it will most
@@ -492,8 +500,7 @@ static long prune_step(__u64 i, void *data)
 		return 1;
 	}
 	rec_delete(p->zone, t);
-	if ((t + 1) % CTI_CHUNK_SLOTS == 0)
-		free_chunk(p->zone, t / CTI_CHUNK_SLOTS, zm, p->st);
+	tail_passed(p, t);
 	return 0;
 }
 

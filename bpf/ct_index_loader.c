@@ -232,7 +232,7 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 {
 	struct bpf_prog_info pinfo;
 	struct bpf_map_info minfo;
-	__u32 prog_maps[8], ids[CTI_NMAPS], len, records_flags = 0;
+	__u32 prog_maps[8], ids[CTI_NMAPS], len, chunks = 0, records_flags = 0;
 	char path[PATH_MAX];
 	unsigned int i, j, mask;
 	int err;
@@ -264,7 +264,8 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 			return -errno;
 		ids[i] = minfo.id;
 		if (i == 0) {
-			c->max_records = (long long)minfo.max_entries * CTI_CHUNK_SLOTS;
+			chunks = minfo.max_entries;
+			c->max_records = (long long)chunks * CTI_CHUNK_SLOTS;
 			records_flags = minfo.map_flags;
 			c->preallocated = !(records_flags & BPF_F_NO_PREALLOC);
 		}
@@ -287,8 +288,7 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 	}
 	if ((mask & 3) != 3)
 		return -ESTALE;
-	return other_layout(c->max_records / CTI_CHUNK_SLOTS, records_flags, max_records, flags) ?
-		-ERANGE : 0;
+	return other_layout(chunks, records_flags, max_records, flags) ? -ERANGE : 0;
 }
 
 static void close_fds(struct cti *c)
@@ -748,6 +748,12 @@ long long cti_add_records(struct cti *c, unsigned int zone,
 	return run_batches(c, CTI_OP_ADD, zone, recs, n, sizeof(*recs), CTI_ADD_MAX);
 }
 
+/* the BPF side's cti_key(): a chunk's key, or a slot's published seq - 1 */
+static __u64 slot_key(unsigned int zone, unsigned long long n)
+{
+	return ((__u64)zone << CTI_SLOT_BITS) | (n & CTI_SLOT_MASK);
+}
+
 int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf,
 			unsigned long long *slots, unsigned int n)
 {
@@ -765,7 +771,7 @@ int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf
 	for (slot = z.tail; slot < z.head && cnt < n;) {
 		unsigned long long chunk = slot / CTI_CHUNK_SLOTS;
 		unsigned long long end = (chunk + 1) * CTI_CHUNK_SLOTS;
-		__u64 key = ((__u64)zone << CTI_SLOT_BITS) | (chunk & CTI_SLOT_MASK);
+		__u64 key = slot_key(zone, chunk);
 
 		if (end > z.head)
 			end = z.head;
@@ -783,8 +789,7 @@ int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf
 		for (; slot < end && cnt < n; slot++) {
 			const struct cti_slot *seen = &chunk_buf[0].s[slot % CTI_CHUNK_SLOTS];
 			const struct cti_slot *sl = &chunk_buf[1].s[slot % CTI_CHUNK_SLOTS];
-
-			__u64 want = (((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK)) + 1;
+			__u64 want = slot_key(zone, slot) + 1;
 
 			if (seen->seq != want || sl->seq != want)
 				continue;   /* not yet published, or deleted meanwhile */
