@@ -424,39 +424,43 @@ class ZoneIndex:
             elif not _check_private_dir(root, "pin root"):
                 raise ConntrackError("no eBPF zone index attached", errno.ENOENT, "index")
             self.dir = pin_dir(netns_path, root)
-            existed = _check_private_dir(self.dir, "pin directory")
-            if not existed and not create:
-                raise ConntrackError("no eBPF zone index attached", errno.ENOENT, "index")
-            if create and not existed and not max_records:
-                max_records = default_max_records()
-            if create and not existed and preallocate:
-                need, avail = preallocation_bytes(max_records), _mem_available()
-                if avail is not None and need > avail // 2:
-                    raise ConntrackError(
-                        f"--preallocate would take {need / 2**20:.1f} MiB for {max_records} "
-                        f"records up front, more than half of the {avail / 2**20:.1f} MiB "
-                        "available; attach without it (memory then follows the records) or "
-                        "with a smaller --max-records", errno.ENOMEM, "attach")
             try:
-                try:
-                    self._ix = ll.IndexHandle(self.dir, max_records, preallocate and create)
-                except ConntrackError as exc:
-                    if exc.errno != errno.EPROTO:
-                        raise
-                    if not create:
-                        raise ConntrackError(OTHER_VERSION, errno.EPROTO, "index") from None
-                    # attach replaces an index this version cannot use
-                    self._remove_dir()
-                    existed = False
-                    self._ix = ll.IndexHandle(self.dir, max_records or default_max_records(),
-                                              preallocate)
+                self._open(max_records, create, preallocate)
             except ConntrackError as exc:
-                if not existed:
-                    self._remove_dir()
-                if exc.errno == errno.ERANGE:
-                    raise ConntrackError(OTHER_LAYOUT, errno.ERANGE, "attach") from None
-                raise
+                if exc.errno != errno.EPROTO:
+                    raise
+                if not create:
+                    raise ConntrackError(OTHER_VERSION, errno.EPROTO, "index") from None
+                # attach replaces an index this version cannot use: as if none were there
+                self._remove_dir()
+                self._open(max_records, create, preallocate)
         self._set_netns(attach=False)
+
+    def _open(self, max_records: int, create: bool, preallocate: bool) -> None:
+        """Open the pinned index, or (create) make it: the default size and
+        the preallocation's memory check for a new one. EPROTO: pins of a
+        version with another record layout."""
+        existed = _check_private_dir(self.dir, "pin directory")
+        if not existed and not create:
+            raise ConntrackError("no eBPF zone index attached", errno.ENOENT, "index")
+        if create and not existed and not max_records:
+            max_records = default_max_records()
+        if create and not existed and preallocate:
+            need, avail = preallocation_bytes(max_records), _mem_available()
+            if avail is not None and need > avail // 2:
+                raise ConntrackError(
+                    f"--preallocate would take {need / 2**20:.1f} MiB for {max_records} "
+                    f"records up front, more than half of the {avail / 2**20:.1f} MiB "
+                    "available; attach without it (memory then follows the records) or "
+                    "with a smaller --max-records", errno.ENOMEM, "attach")
+        try:
+            self._ix = ll.IndexHandle(self.dir, max_records, preallocate and create)
+        except ConntrackError as exc:
+            if not existed:
+                self._remove_dir()
+            if exc.errno == errno.ERANGE:
+                raise ConntrackError(OTHER_LAYOUT, errno.ERANGE, "attach") from None
+            raise
 
     def _remove_dir(self) -> None:
         try:

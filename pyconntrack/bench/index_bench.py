@@ -92,24 +92,27 @@ def _existing_flow_packets(t: Topology, packets: int, i: int = 0) -> dict:
                   addresses=t.zone_addresses(5, 4, 1), reuse=True)
 
 
+def _cpu_times() -> tuple:
+    """(idle, all) CPU time of all CPUs since boot in clock ticks
+    (/proc/stat: idle + iowait; all but guest time, which is counted twice)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[3] + v[4], sum(v[:8])
+
+
 def _cpu_idle_share(interval: float = 0.5) -> float:
-    """Share of all CPUs' time spent idle over ``interval`` (/proc/stat)."""
-    def sample() -> tuple:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return v[3] + v[4], sum(v[:8])      # idle + iowait, all but guest time
-    i0, t0 = sample()
+    """Share of all CPUs' time spent idle over ``interval``."""
+    i0, t0 = _cpu_times()
     time.sleep(interval)
-    i1, t1 = sample()
+    i1, t1 = _cpu_times()
     return (i1 - i0) / max(1, t1 - t0)
 
 
 def _cpu_busy_ns() -> int:
-    """CPU time all CPUs spent busy since boot (/proc/stat: all but idle,
-    iowait and guest time), in nanoseconds: softirqs and timers included."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    """CPU time all CPUs spent busy since boot, in nanoseconds: softirqs and
+    timers included."""
+    idle, total = _cpu_times()
+    return (total - idle) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def wait_quiet(idle: float = 0.9, timeout: float = 30.0) -> float:
