@@ -114,7 +114,7 @@ struct cti_stats {
 	unsigned long long confirmed; /* NEW/RELATED but already confirmed */
 	unsigned long long recorded;  /* records stored */
 	unsigned long long failed;    /* records lost (see cti_zone.failed) */
-	unsigned long long read_err;  /* nf_conn read failed */
+	unsigned long long read_err;  /* a new entry read as freed (use 0) */
 	unsigned long long seeded;    /* records stored by CTI_OP_ADD (walks) */
 	unsigned long long removed;   /* records deleted (reaper, prune, drop) */
 };

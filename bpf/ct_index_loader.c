@@ -335,6 +335,20 @@ static int pin_reaper(struct cti *c)
 	return 0;
 }
 
+/* The id of a struct in the kernel's own BTF, 0 if it has none (a module's
+ * BTF may) */
+static __u32 vmlinux_struct_id(const char *name)
+{
+	struct btf *vmlinux = btf__load_vmlinux_btf();
+	int id;
+
+	if (!vmlinux)
+		return 0;
+	id = btf__find_by_name_kind(vmlinux, name, BTF_KIND_STRUCT);
+	btf__free(vmlinux);
+	return id > 0 ? (__u32)id : 0;
+}
+
 int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	     struct cti **out)
 {
@@ -395,7 +409,10 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 			bpf_map__map_flags(c->skel->maps.cti_records) & ~BPF_F_NO_PREALLOC);
 	if (err)
 		goto cleanup;
+	c->skel->rodata->nf_conn_btf_id = vmlinux_struct_id("nf_conn");
 	bpf_object__for_each_map(map, c->skel->obj) {
+		if (bpf_map__is_internal(map))
+			continue;   /* the object's constants: loaded with it, never shared */
 		err = pin_path(c, bpf_map__name(map), path, sizeof(path));
 		if (!err)
 			err = bpf_map__set_pin_path(map, path);

@@ -522,6 +522,32 @@ def test_records_live_in_chunks_freed_once_the_zone_is_cleaned(topo, host):
     assert _chunks(pin_dir) == 0 and listed(ns, 6) == []
 
 
+def test_the_hook_reads_entries_with_plain_loads_where_the_kernel_knows_nf_conn(topo, host):
+    """Where the kernel's own BTF describes struct nf_conn, the hook reads a
+    new entry with plain loads, not probe-read helper calls (about half the
+    hook's cost per new flow); elsewhere with probe reads. The kernel's own
+    view of the loaded program (bpftool) is the oracle, and the index
+    serves a delete either way."""
+    btf = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
+                         capture_output=True, text=True, check=True).stdout
+    kernel_knows_nf_conn = "STRUCT 'nf_conn' size=" in btf
+    pin_dir = host.attach_index().pin_dir
+    prog_ids = {json.loads(subprocess.run(["bpftool", "-j", "link", "show", "pinned",
+                                           os.path.join(pin_dir, name)],
+                                          capture_output=True, text=True,
+                                          check=True).stdout)["prog_id"]
+                for name in index_mod.LINK_PINS}
+    for prog_id in prog_ids:
+        xlated = subprocess.run(["bpftool", "prog", "dump", "xlated", "id", str(prog_id)],
+                                capture_output=True, text=True, check=True).stdout
+        assert "cti_record" in xlated or "record_new" in xlated, xlated[:200]
+        assert ("bpf_probe_read_kernel" in xlated) != kernel_knows_nf_conn
+    topo.send("udp", 4, 5, 40)
+    res = host.delete(Filter(zone=5))
+    assert res.strategy == "index" and res.deleted == 40, res
+    assert listed(topo.host_netns, 5) == []                      # conntrack-tools
+
+
 def _record_map_flags(pin_dir):
     """The kernel's own view of the record map (bpftool), not ours."""
     out = subprocess.run(["bpftool", "-j", "map", "show", "pinned",
