@@ -223,6 +223,21 @@ static int other_layout(__u32 max_entries, __u32 map_flags, unsigned int max_rec
 	       ((flags & CTI_OPEN_PREALLOC) && (map_flags & BPF_F_NO_PREALLOC));
 }
 
+/* Is map id read-only to BPF programs (an object's constants, .rodata)? */
+static int read_only_to_programs(__u32 id)
+{
+	struct bpf_map_info info;
+	__u32 len = sizeof(info);
+	int fd = bpf_map_get_fd_by_id(id), ok;
+
+	if (fd < 0)
+		return 0;
+	memset(&info, 0, sizeof(info));
+	ok = !bpf_obj_get_info_by_fd(fd, &info, &len) && (info.map_flags & BPF_F_RDONLY_PROG);
+	close(fd);
+	return ok;
+}
+
 /* Open an attached index from its pins, without loading (and verifying) the
  * programs again: the pinned maps, and the reaper this build pinned when it
  * loaded them. Only if the links are pinned too (the index is attached) and
@@ -278,13 +293,15 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 		return -errno;
 	if (pinfo.type != BPF_PROG_TYPE_XDP || pinfo.nr_map_ids > sizeof(prog_maps) / sizeof(prog_maps[0]))
 		return -ESTALE;
-	/* every map it uses is ours, and it uses the records and the zones */
+	/* every map it uses is ours or its constants, and it uses the records
+	 * and the zones */
 	for (i = 0, mask = 0; i < pinfo.nr_map_ids; i++) {
 		for (j = 0; j < CTI_NMAPS && ids[j] != prog_maps[i]; j++)
 			;
-		if (j == CTI_NMAPS)
+		if (j < CTI_NMAPS)
+			mask |= 1u << j;
+		else if (!read_only_to_programs(prog_maps[i]))
 			return -ESTALE;
-		mask |= 1u << j;
 	}
 	if ((mask & 3) != 3)
 		return -ESTALE;

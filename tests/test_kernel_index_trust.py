@@ -422,8 +422,15 @@ def test_reopening_uses_the_pinned_reaper_of_this_build_only(topo, host, bpf_ins
         out = json.loads(r.stdout)
         assert out["strategy"] == "index" and out["deleted"] == n, out
 
+    def pinned_prog_id():
+        out = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", os.path.join(d, mine)],
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out)["id"]
+
+    loaded = pinned_prog_id()
     delete_in_a_new_process(40)
     assert _reaper_pins(d) == [mine]
+    assert pinned_prog_id() == loaded     # opened from the pins, not loaded again
     # a previous build's reaper: replaced by this build's
     os.rename(os.path.join(d, mine), os.path.join(d, index_mod.REAPER_PIN_PREFIX + "1" * 16))
     topo.send("udp", 4, 5, 30, dport=20000)
