@@ -249,6 +249,24 @@ def test_index_figures_are_judged_against_their_targets():
         in index_bench.markdown(result)
 
 
+def test_a_ratio_target_is_judged_with_the_interval_of_its_median():
+    from pyconntrack.bench import index_bench
+    # 15 pairs: the 95 % interval of the median is the 4th to the 12th value
+    pairs = [0.90 + 0.01 * i for i in range(15)]          # 0.90 .. 1.04
+    assert index_bench.median_interval(pairs) == (0.93, 1.01)
+    assert index_bench.median_interval([1.0, 0.9, 1.1]) == (0.9, 1.1)   # too few: the range
+    result = {"setup_rate": {"ratio": 0.97, "pair_ratios": pairs,
+                             "established_ratio": 0.97, "established_pair_ratios": pairs}}
+    verdicts = {t["id"]: (t["met"], t["value"]) for t in index_bench.evaluate(result)}
+    assert verdicts["I2"] == ("within noise, median met",
+                              "0.970 (95% interval 0.930-1.010, 15 pairs)")
+    assert verdicts["I3"][0] == "within noise, median NOT met"
+    result["setup_rate"]["pair_ratios"] = [p + 0.05 for p in pairs]       # 0.98 .. 1.06
+    assert {t["id"]: t["met"] for t in index_bench.evaluate(result)}["I2"] == "met"
+    result["setup_rate"]["pair_ratios"] = [p - 0.1 for p in pairs]        # 0.83 .. 0.91
+    assert {t["id"]: t["met"] for t in index_bench.evaluate(result)}["I2"] == "NOT met"
+
+
 @pytest.mark.kernel
 def test_index_figures_quick(tmp_path):
     """bench --index --quick: churn share, setup and established-packet
