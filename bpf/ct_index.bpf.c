@@ -297,21 +297,21 @@ static __always_inline int tuple_layout_matches(void)
 }
 
 /* The original tuple in one probe read where the layout matches, else field
- * by field (the fallback of read_ct below). */
-static __always_inline long read_tuple(const struct nf_conntrack_tuple *t,
+ * by field (the fallback of read_ct_probed below). What cannot be read is
+ * zeroed by the probe read. */
+static __always_inline void read_tuple(const struct nf_conntrack_tuple *t,
 				       struct nf_conntrack_tuple *out)
 {
-	long err = 0;
-
-	if (tuple_layout_matches())
-		return bpf_probe_read_kernel(out, sizeof(*out), t);
-	err |= bpf_core_read(&out->src.u3, sizeof(out->src.u3), &t->src.u3);
-	err |= bpf_core_read(&out->src.u.all, sizeof(out->src.u.all), &t->src.u.all);
-	err |= bpf_core_read(&out->src.l3num, sizeof(out->src.l3num), &t->src.l3num);
-	err |= bpf_core_read(&out->dst.u3, sizeof(out->dst.u3), &t->dst.u3);
-	err |= bpf_core_read(&out->dst.u.all, sizeof(out->dst.u.all), &t->dst.u.all);
-	err |= bpf_core_read(&out->dst.protonum, sizeof(out->dst.protonum), &t->dst.protonum);
-	return err;
+	if (tuple_layout_matches()) {
+		bpf_probe_read_kernel(out, sizeof(*out), t);
+		return;
+	}
+	bpf_core_read(&out->src.u3, sizeof(out->src.u3), &t->src.u3);
+	bpf_core_read(&out->src.u.all, sizeof(out->src.u.all), &t->src.u.all);
+	bpf_core_read(&out->src.l3num, sizeof(out->src.l3num), &t->src.l3num);
+	bpf_core_read(&out->dst.u3, sizeof(out->dst.u3), &t->dst.u3);
+	bpf_core_read(&out->dst.u.all, sizeof(out->dst.u.all), &t->dst.u.all);
+	bpf_core_read(&out->dst.protonum, sizeof(out->dst.protonum), &t->dst.protonum);
 }
 
 /* What the index needs of an nf_conn. */
@@ -383,37 +383,41 @@ static __always_inline __u32 record_differs(const struct cti_record *r, __u16 zo
 }
 
 /* read_ct without nf_conn's BTF id: in one probe read where its head fits
- * (each probe read is a helper call of ~40 ns), else field by field. What
- * cannot be read stays zero. Not inlined: its buffer then lives in its own
- * stack frame, once. */
-static __noinline long read_ct_probed(struct nf_conn *ct, struct ct_view *v)
+ * (each probe read is a helper call of ~40 ns), else field by field. A
+ * probe read zeroes what it cannot read. Not inlined: its buffer then lives
+ * in its own stack frame, once. */
+static __noinline void read_ct_probed(struct nf_conn *ct, struct ct_view *v)
 {
 	struct nf_conntrack_zone z = {};
-	long err = 0;
 
 	if (ct_head_fits() && tuple_layout_matches()) {
 		__u64 head[CT_HEAD_MAX / 8];   /* aligned: the verifier wants it */
 		__u8 *buf = (__u8 *)head;
 
 		if (bpf_probe_read_kernel(buf, CT_OFF(status) + sizeof(unsigned long), ct))
-			return -1;
+			return;   /* v stays zero: use 0 */
 		v->status = *(unsigned long *)(buf + CT_OFF(status));
 		v->use = *(int *)(buf + CT_OFF(ct_general.use.refs.counter));
 		v->timeout = *(__u32 *)(buf + CT_OFF(timeout));
 		v->zone = *(__u16 *)(buf + CT_OFF(zone.id));
 		v->zone_dir = *(__u8 *)(buf + CT_OFF(zone.dir));
 		__builtin_memcpy(&v->t, buf + CT_OFF(tuplehash[0].tuple), sizeof(v->t));
-	} else {
-		err |= bpf_core_read(&v->status, sizeof(v->status), &ct->status);
-		err |= bpf_core_read(&v->use, sizeof(v->use), &ct->ct_general.use.refs.counter);
-		err |= bpf_core_read(&v->timeout, sizeof(v->timeout), &ct->timeout);
-		if (bpf_core_field_exists(ct->zone))
-			bpf_core_read(&z, sizeof(z), &ct->zone);
-		v->zone = z.id;
-		v->zone_dir = z.dir;
-		err |= read_tuple(&ct->tuplehash[0].tuple, &v->t);
+		return;
 	}
-	return err;
+	bpf_core_read(&v->status, sizeof(v->status), &ct->status);
+	bpf_core_read(&v->use, sizeof(v->use), &ct->ct_general.use.refs.counter);
+	bpf_core_read(&v->timeout, sizeof(v->timeout), &ct->timeout);
+	if (bpf_core_field_exists(ct->zone))
+		bpf_core_read(&z, sizeof(z), &ct->zone);
+	v->zone = z.id;
+	v->zone_dir = z.dir;
+	read_tuple(&ct->tuplehash[0].tuple, &v->t);
+}
+
+/* The nf_conn at addr as a pointer plain loads may read (nf_conn_btf_id set) */
+static __always_inline const struct nf_conn *ct_plain(unsigned long addr)
+{
+	return bpf_rdonly_cast((const void *)addr, nf_conn_btf_id);
 }
 
 /* Read what the index needs of the nf_conn at addr (v zeroed by the
@@ -422,7 +426,7 @@ static __noinline long read_ct_probed(struct nf_conn *ct, struct ct_view *v)
 static __always_inline void read_ct(unsigned long addr, struct ct_view *v)
 {
 	if (nf_conn_btf_id) {
-		const struct nf_conn *ct = bpf_rdonly_cast((const void *)addr, nf_conn_btf_id);
+		const struct nf_conn *ct = ct_plain(addr);
 		const struct nf_conntrack_tuple *t = &ct->tuplehash[0].tuple;
 
 		v->status = ct->status;
@@ -450,13 +454,9 @@ static __always_inline unsigned long read_ct_status(unsigned long addr)
 {
 	unsigned long status = 0;
 
-	if (nf_conn_btf_id) {
-		const struct nf_conn *ct = bpf_rdonly_cast((const void *)addr, nf_conn_btf_id);
-
-		status = ct->status;
-	} else {
-		bpf_core_read(&status, sizeof(status), &((struct nf_conn *)addr)->status);
-	}
+	if (nf_conn_btf_id)
+		return ct_plain(addr)->status;
+	bpf_core_read(&status, sizeof(status), &((struct nf_conn *)addr)->status);
 	return status;
 }
 
