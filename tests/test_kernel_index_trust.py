@@ -252,13 +252,16 @@ def test_stale_record_never_deletes_another_zone(topo, host):
 
 # -- lifecycle ----------------------------------------------------------------------------
 
+def _links(pin_dir):
+    """The index's pinned links as the kernel shows them (bpftool)."""
+    return [json.loads(subprocess.run(["bpftool", "-j", "link", "show", "pinned",
+                                       os.path.join(pin_dir, name)],
+                                      capture_output=True, text=True, check=True).stdout)
+            for name in index_mod.LINK_PINS]
+
+
 def _link_ids(pin_dir):
-    ids = []
-    for name in index_mod.LINK_PINS:
-        out = subprocess.run(["bpftool", "-j", "link", "show", "pinned",
-                              os.path.join(pin_dir, name)], capture_output=True, text=True)
-        ids.append(json.loads(out.stdout)["id"])
-    return ids
+    return [link["id"] for link in _links(pin_dir)]
 
 
 def test_namespace_deleted_while_attached_is_collected(index_available):
@@ -539,11 +542,7 @@ def test_the_hook_reads_entries_with_plain_loads_where_the_kernel_knows_nf_conn(
                          capture_output=True, text=True, check=True).stdout
     kernel_knows_nf_conn = "STRUCT 'nf_conn' size=" in btf
     pin_dir = host.attach_index().pin_dir
-    prog_ids = {json.loads(subprocess.run(["bpftool", "-j", "link", "show", "pinned",
-                                           os.path.join(pin_dir, name)],
-                                          capture_output=True, text=True,
-                                          check=True).stdout)["prog_id"]
-                for name in index_mod.LINK_PINS}
+    prog_ids = {link["prog_id"] for link in _links(pin_dir)}
     for prog_id in prog_ids:
         xlated = subprocess.run(["bpftool", "prog", "dump", "xlated", "id", str(prog_id)],
                                 capture_output=True, text=True, check=True).stdout
@@ -555,18 +554,11 @@ def test_the_hook_reads_entries_with_plain_loads_where_the_kernel_knows_nf_conn(
     assert listed(topo.host_netns, 5) == []                      # conntrack-tools
 
 
-def _record_map_flags(pin_dir):
-    """The kernel's own view of the record map (bpftool), not ours."""
-    out = subprocess.run(["bpftool", "-j", "map", "show", "pinned",
-                          os.path.join(pin_dir, "cti_records")],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out)["flags"]
-
-
 BPF_F_NO_PREALLOC = 1
 
 
 def _map_info(pin_dir, name):
+    """The kernel's own view of a pinned map (bpftool), not ours."""
     return json.loads(subprocess.run(["bpftool", "-j", "map", "show", "pinned",
                                       os.path.join(pin_dir, name)],
                                      capture_output=True, text=True, check=True).stdout)
@@ -578,7 +570,7 @@ def test_preallocated_index_serves_deletes_and_states_its_memory(topo, host):
             "--json")
     assert r.returncode == 0, r.stderr
     pin_dir = json.loads(r.stdout)["pin_dir"]
-    assert _record_map_flags(pin_dir) & BPF_F_NO_PREALLOC == 0
+    assert _map_info(pin_dir, "cti_records")["flags"] & BPF_F_NO_PREALLOC == 0
     topo.send("udp", 4, 5, 300)
     topo.send("udp", 4, 6, 100)
     status = host.index_status()
@@ -600,7 +592,7 @@ def test_preallocated_index_serves_deletes_and_states_its_memory(topo, host):
 
 def test_default_index_allocates_per_record_and_refuses_preallocate_attached(topo, host):
     r = host.attach_index(max_records=4096)
-    assert _record_map_flags(r.pin_dir) & BPF_F_NO_PREALLOC
+    assert _map_info(r.pin_dir, "cti_records")["flags"] & BPF_F_NO_PREALLOC
     topo.send("udp", 4, 5, 100)
     status = host.index_status()
     assert status["preallocated"] is False and status["memory_bytes"] < status["memory_max_bytes"]
