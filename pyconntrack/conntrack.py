@@ -614,8 +614,7 @@ class Conntrack:
             ix = self._index()
             if ix is None:
                 if index_mod.is_attached(self._path):   # by another version
-                    index_mod.detach_pin_dir(index_mod.pin_dir(self._path,
-                                                               index_mod.pin_root()))
+                    index_mod.detach_pin_dir(index_mod.pin_dir(self._path))
                     return True
                 index_mod.gc()
                 return False
