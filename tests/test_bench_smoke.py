@@ -293,10 +293,11 @@ def test_a_setup_target_its_floor_misses_too_is_named_a_kernel_limit():
 def test_the_bare_hook_runs_in_its_namespace_only_and_leaves_nothing():
     """The floor's program: the kernel's run statistics count it for the
     scratch namespace's packets and not for the host's; closed, it is gone."""
-    from pyconntrack import netns
+    from pyconntrack import index as index_mod, netns
     from pyconntrack.bench.bare_hook import BareHook, unsupported
-    if unsupported() or not shutil.which("bpftool"):
-        pytest.skip(unsupported() or "bpftool is not installed")
+    ok, _, reason = index_mod.availability()   # netfilter BPF programs: Linux 6.4+
+    if not ok or unsupported() or not shutil.which("bpftool"):
+        pytest.skip(reason if not ok else unsupported() or "bpftool is not installed")
 
     def runs() -> list:
         p = subprocess.run(["bpftool", "-j", "prog", "show", "name", "pct_bare_hook"],
