@@ -208,10 +208,26 @@ static int reap_pin_path(const struct cti *c, char *buf, size_t len)
 	return pin_path(c, name, buf, len);
 }
 
-/* Chunks that hold max_records records. */
+/* Chunks of the record map for max_records records. A zone's records fill
+ * chunks of its own, so a zone in use also holds one or two partly used
+ * chunks (its window's ends): the records' full chunks, plus two for each
+ * of as many zones as there are full chunks (all zones from ~2M records).
+ * The record map only holds what is used (unless preallocated): this is
+ * its bound. */
 static __u32 chunks_for(unsigned int max_records)
 {
-	return (__u32)(((unsigned long long)max_records + CTI_CHUNK_SLOTS - 1) / CTI_CHUNK_SLOTS);
+	__u64 full = ((__u64)max_records + CTI_CHUNK_SLOTS - 1) / CTI_CHUNK_SLOTS;
+
+	return (__u32)(full + 2 * (full < CTI_MAX_ZONES ? full : CTI_MAX_ZONES));
+}
+
+/* The records a record map of this many chunks is sized for (chunks_for's
+ * inverse) */
+static long long records_for(__u32 chunks)
+{
+	__u64 full = chunks <= 3ULL * CTI_MAX_ZONES ? chunks / 3 : chunks - 2ULL * CTI_MAX_ZONES;
+
+	return (long long)full * CTI_CHUNK_SLOTS;
 }
 
 /* Was the pinned record map (max_entries chunks) made with another size
@@ -280,7 +296,7 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 		ids[i] = minfo.id;
 		if (i == 0) {
 			chunks = minfo.max_entries;
-			c->max_records = (long long)chunks * CTI_CHUNK_SLOTS;
+			c->max_records = records_for(chunks);
 			records_flags = minfo.map_flags;
 			c->preallocated = !(records_flags & BPF_F_NO_PREALLOC);
 		}
@@ -418,9 +434,9 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	if (!err)
 		err = bpf_program__set_expected_attach_type(
 			c->skel->progs.cti_record, CTI_ATTACH_NETFILTER);
-	if (!err && max_records)
+	if (!err)   /* a pinned map's own size wins below */
 		err = bpf_map__set_max_entries(c->skel->maps.cti_records,
-					       chunks_for(max_records));
+			chunks_for(max_records ? max_records : CTI_DEFAULT_MAX_RECORDS));
 	if (!err && (flags & CTI_OPEN_PREALLOC))
 		err = bpf_map__set_map_flags(c->skel->maps.cti_records,
 			bpf_map__map_flags(c->skel->maps.cti_records) & ~BPF_F_NO_PREALLOC);
@@ -475,8 +491,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	c->fd_expired = bpf_map__fd(c->skel->maps.cti_expired);
 	c->fd_empty = bpf_map__fd(c->skel->maps.cti_empty_chunk);
 	c->fd_reap = bpf_program__fd(c->skel->progs.cti_reap);
-	c->max_records = (long long)bpf_map__max_entries(c->skel->maps.cti_records) *
-			 CTI_CHUNK_SLOTS;
+	c->max_records = records_for(bpf_map__max_entries(c->skel->maps.cti_records));
 	c->preallocated = !(bpf_map__map_flags(c->skel->maps.cti_records) & BPF_F_NO_PREALLOC);
 	err = pin_reaper(c);
 	if (err)

@@ -49,9 +49,10 @@ MAX_ZONES = 65536
 # Records live in chunks of CHUNK_SLOTS consecutive slots of a zone: one hash
 # element of 2,040 B (the 48 B element header, the key, 31 slots of 64 B)
 # per chunk, served from the 2 KiB size class when allocated as recorded,
-# plus 16 B per hash bucket (buckets = chunks rounded up to a power of two),
-# plus the 4.5 MiB per-zone table (72 B per zone). A preallocated map
-# (--preallocate) holds every chunk from the start.
+# plus 16 B per hash bucket (buckets = the map's chunks rounded up to a power
+# of two), plus the 4.5 MiB per-zone table (72 B per zone). The map has room
+# for the partly used chunks of the zones in use too (chunks_for); a
+# preallocated map (--preallocate) holds every chunk from the start.
 CHUNK_SLOTS = ll.CHUNK_SLOTS
 BYTES_PER_PREALLOCATED_CHUNK = 48 + 8 + ll.CHUNK_BYTES
 BYTES_PER_CHUNK = 1 << (BYTES_PER_PREALLOCATED_CHUNK - 1).bit_length()   # its size class
@@ -237,13 +238,18 @@ def refused_for_privileges(reason: str) -> bool:
 
 
 def chunks_for(max_records: int) -> int:
-    """Chunks that hold max_records records."""
-    return -(-max_records // CHUNK_SLOTS)
+    """Chunks of the record map for max_records records (chunks_for in
+    bpf/ct_index_loader.c): a zone's records fill chunks of their own, so a
+    zone in use also holds one or two partly used chunks; the records' full
+    chunks, plus two for each of as many zones as there are full chunks."""
+    full = -(-max_records // CHUNK_SLOTS)
+    return full + 2 * min(full, MAX_ZONES)
 
 
 def capacity(max_records: int) -> int:
-    """Records an index asked for max_records holds: whole chunks."""
-    return chunks_for(max_records) * CHUNK_SLOTS
+    """Records an index asked for max_records holds, however they are spread
+    over zones: whole chunks."""
+    return -(-max_records // CHUNK_SLOTS) * CHUNK_SLOTS
 
 
 def _bucket_bytes(max_records: int) -> int:

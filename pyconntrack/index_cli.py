@@ -17,11 +17,12 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--pin-dir", help="detach: the index's pin directory (when its "
                    "namespace's name is gone)")
     p.add_argument("--max-records", type=int, default=0,
-                   help="attach: record capacity (default: nf_conntrack_max + 25%%; "
-                   "memory ~136 B per record stored)")
+                   help="attach: records the index holds, however they are spread over "
+                   "zones (default: nf_conntrack_max + 25%%; memory ~66 B per record "
+                   "stored, and up to 4 KiB per zone in use)")
     p.add_argument("--preallocate", action="store_true",
-                   help="attach: take the record map's memory up front (112 B x capacity) "
-                   "for a cheaper hook on every new connection")
+                   help="attach: take the record map's whole bound up front (~200 B x "
+                   "capacity) for a cheaper hook (not a cheaper machine: docs/index.md)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
 

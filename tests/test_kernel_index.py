@@ -129,15 +129,15 @@ def test_traffic_continuing_during_cleanup(topo, host):
 
 
 def test_overflow_marks_zone_dirty_then_fallback_then_clean(topo, host):
-    host.attach_index(max_records=256)
-    topo.send("udp", 4, 5, 600)
+    host.attach_index(max_records=256)   # 27 chunks of 31 (index.chunks_for)
+    topo.send("udp", 4, 5, 900)
     topo.send("udp", 4, 6, 50)
     status = host.index_status()
     assert 5 in status["dirty_zones"]
     before = snapshot(host)
     res = host.delete(Filter(zone=5))
     assert res.strategy != "index" and "dirty" in res.reason
-    assert res.deleted == 600 and host.count(Filter(zone=5)) == 0
+    assert res.deleted == 900 and host.count(Filter(zone=5)) == 0
     assert set(snapshot(host)) == _expect_after(before, Filter(zone=5))
     assert 5 not in host.index_status()["dirty_zones"]  # resynchronised
     topo.send("udp", 4, 5, 100, dport=40000)

@@ -496,14 +496,50 @@ def test_reattach_with_another_size_is_a_clear_error(topo, host):
 
 def test_status_counts_records_that_exist(topo, host):
     host.attach_index(max_records=256)
-    topo.send("udp", 4, 5, 600)
+    topo.send("udp", 4, 5, 900)
     status = host.index_status()
-    # records are kept in chunks of 31: 256 asked for is 9 chunks, 279 records
+    # records are kept in chunks of 31: 256 asked for is 9 full chunks, 279
+    # records; the map has room for 2 more per zone of 9 zones (27 chunks,
+    # 837 slots), which one zone's 900 overflow
     assert 256 <= status["max_records"] < 256 + 31
-    assert status["zones"][5]["records"] <= status["max_records"] \
-        and status["records"] <= status["max_records"]
+    assert status["max_records"] <= status["zones"][5]["records"] <= 3 * status["max_records"]
+    assert status["records"] == status["zones"][5]["records"]
     assert 5 in status["dirty_zones"]
     assert status["memory_bytes"] > 0 and status["memory_max_bytes"] >= status["memory_bytes"]
+
+
+def test_the_record_map_has_room_for_each_zones_partly_used_chunks():
+    # 256 records: 9 full chunks of 31, and 2 more for each of 9 zones
+    assert index_mod.capacity(256) == 279 and index_mod.chunks_for(256) == 27
+    assert index_mod.capacity(279) == 279 and index_mod.capacity(280) == 310
+    # from 65,536 full chunks on, room for every zone: 2 x 65,536 more
+    full = -(-2_100_000 // 31)
+    assert index_mod.chunks_for(2_100_000) == full + 2 * 65536
+    assert index_mod.chunks_for(65536 * 31) == 3 * 65536
+    assert index_mod.chunks_for(0) == 0
+
+
+def test_an_index_holds_its_records_however_many_zones_they_are_spread_over(topo, host):
+    """Records live in chunks of 31 per zone, so a zone in use holds one or
+    two partly used chunks whatever its records: 300 zones of 10 entries
+    need 300 chunks or more, where 3,000 records fill 97. The map makes
+    room for that: an index sized for the records holds them all (the
+    kernel's view: conntrack-tools' count of each zone) and serves the
+    cleanups."""
+    zones = range(100, 400)
+    for z in zones:
+        host.create_many(10, zone=z, src=f"10.9.{z >> 8}.{z & 0xff}", timeout=600)
+    host.attach_index(max_records=3100)
+    status = host.index_status()
+    assert status["dirty_zones"] == [] and status["records"] == 3000
+    assert 3100 <= status["max_records"] < 3100 + 31
+    assert status["memory_bytes"] <= status["memory_max_bytes"]
+    for z in (100, 250, 399):
+        assert len(listed(topo.host_netns, z)) == 10
+        res = host.delete(Filter(zone=z))
+        assert res.strategy == "index" and res.deleted == 10, res.reason
+        assert listed(topo.host_netns, z) == []
+    assert len(listed(topo.host_netns, 101)) == 10
 
 
 def _chunks(pin_dir):
@@ -575,13 +611,14 @@ def test_preallocated_index_serves_deletes_and_states_its_memory(topo, host):
     topo.send("udp", 4, 6, 100)
     status = host.index_status()
     assert status["preallocated"] is True and status["records"] == 400
-    # the whole map from the start: 4096 records are 133 chunks of 31, each
-    # a 2,040 B element as the kernel sizes it (bpftool), 256 buckets, the
-    # zone table
+    # the whole map from the start: 4096 records are 133 full chunks of 31,
+    # and room for two partly used ones in each of 133 zones: 399 chunks,
+    # each a 2,040 B element as the kernel sizes it (bpftool), 512 buckets,
+    # the zone table
     info = _map_info(pin_dir, "cti_records")
-    assert info["max_entries"] == 133 and info["bytes_value"] + info["bytes_key"] + 48 == 2040
+    assert info["max_entries"] == 399 and info["bytes_value"] + info["bytes_key"] + 48 == 2040
     assert status["memory_bytes"] == status["memory_max_bytes"] \
-        == 133 * 2040 + 256 * 16 + 65536 * 72
+        == 399 * 2040 + 512 * 16 + 65536 * 72
     res = host.delete(Filter(zone=5))
     assert res.strategy == "index" and res.deleted == 300, res
     assert listed(ns, 5) == [] and len(listed(ns, 6)) == 100   # conntrack-tools
@@ -670,8 +707,9 @@ def test_an_index_delete_reads_the_table_count_once(topo, host, monkeypatch):
 
 def test_preallocating_more_than_half_the_available_memory_is_refused(topo, host, monkeypatch):
     monkeypatch.setattr(index_mod, "_mem_available", lambda: 1 << 19)   # 0.5 MiB left
-    # 4096 records: 133 chunks of 2,040 B and 256 buckets of 16 B, 0.26 MiB
-    with pytest.raises(ConntrackError, match=r"would take 0\.3 MiB for 4096 records up front, "
+    # 4096 records: 399 chunks of 2,040 B (133 full ones, two partly used
+    # ones for each of 133 zones) and 512 buckets of 16 B, 0.78 MiB
+    with pytest.raises(ConntrackError, match=r"would take 0\.8 MiB for 4096 records up front, "
                                              r"more than half of the 0\.5 MiB available") as exc:
         host.attach_index(max_records=4096, preallocate=True)
     assert exc.value.errno == 12
