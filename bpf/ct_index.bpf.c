@@ -92,6 +92,19 @@ struct {
 	__type(value, struct cti_expired_sec);
 } cti_expired SEC(".maps");
 
+/* the sweeper's timer and the next zone it visits */
+struct cti_sweeper {
+	struct bpf_timer timer;
+	__u32 cursor;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cti_sweeper);
+} cti_sweeper SEC(".maps");
+
 /* count one record pruned while its expired entry waits for conntrack's gc */
 static __always_inline void count_expired(__u32 now)
 {
@@ -490,6 +503,7 @@ struct prune_ctx {
 	struct cti_stats *st;
 	__u32 zone;
 	__u32 now;
+	__u32 move_age;   /* CTI_PRUNE_MOVE_AGE, or the sweeper's */
 };
 
 /* The pruner moved the zone's tail past slot t: free t's chunk if t was
@@ -537,10 +551,12 @@ static long prune_step(__u64 i, void *data)
 	}
 	/* alive and young: it is the zone's oldest record, so it will most
 	 * likely go first; wait for it (keeps the window in creation order) */
-	if (p->now - r.ts_sec < CTI_PRUNE_MOVE_AGE)
+	if (p->now - r.ts_sec < p->move_age)
 		return 1;
 	/* alive for long: copy it to the head first, so it is never out of
-	 * sight, then release its slot */
+	 * sight, then release its slot; its age counts from the move (a zone
+	 * of long-lived connections is not cycled through on every look) */
+	r.ts_sec = p->now;
 	nslot = __sync_fetch_and_add(&zm->head, 1);
 	if (rec_insert(p->zone, nslot, &r)) {
 		__sync_fetch_and_add(&zm->done, 1);   /* a hole at nslot */
@@ -561,9 +577,55 @@ static long prune_step(__u64 i, void *data)
 static __always_inline void cti_prune_tail(struct cti_zone *zm, __u32 zone,
 					   struct cti_stats *st, __u32 now)
 {
-	struct prune_ctx p = { .zm = zm, .st = st, .zone = zone, .now = now };
+	struct prune_ctx p = { .zm = zm, .st = st, .zone = zone, .now = now,
+			       .move_age = CTI_PRUNE_MOVE_AGE };
 
 	bpf_loop(CTI_PRUNE_PER_APPEND * CTI_PRUNE_EVERY, prune_step, &p, 0);
+}
+
+/* The sweeper: the hook prunes a zone's tail as it records into the zone,
+ * so records of ended connections in a zone without new ones would hold
+ * the map's room until the zone is cleaned. A BPF timer visits every zone
+ * in turn and prunes its tail the same way (prune_step). */
+struct sweep_ctx {
+	struct prune_ctx p;   /* the zone being pruned; here, not in
+	                         sweep_zone's frame: the stack limit */
+	__u32 next;           /* the next zone to visit */
+	__u32 budget;         /* tail slots left to look at in this run */
+};
+
+static long sweep_zone(__u64 i, void *data)
+{
+	struct sweep_ctx *s = data;
+	__u32 zone = s->next, n;
+	struct cti_zone *zm;
+
+	if (!s->budget)
+		return 1;
+	s->next = (zone + 1) % CTI_MAX_ZONES;
+	zm = bpf_map_lookup_elem(&cti_zones, &zone);
+	if (!zm || zm->head - zm->tail <= CTI_PRUNE_MIN_WINDOW)
+		return 0;
+	s->p.zm = zm;
+	s->p.zone = zone;
+	n = bpf_loop(s->budget, prune_step, &s->p, 0);
+	s->budget -= n < s->budget ? n : s->budget;
+	return 0;
+}
+
+static int sweep(void *map, __u32 *key, struct cti_sweeper *sw)
+{
+	__u32 zero = 0;
+	struct sweep_ctx s = { .next = sw->cursor % CTI_MAX_ZONES, .budget = CTI_SWEEP_SLOTS,
+			       .p = { .now = bpf_ktime_get_ns() / 1000000000ULL,
+				      .move_age = CTI_SWEEP_MOVE_AGE } };
+
+	s.p.st = bpf_map_lookup_elem(&cti_stats, &zero);
+	if (s.p.st)
+		bpf_loop(CTI_SWEEP_ZONES, sweep_zone, &s, 0);
+	sw->cursor = s.next;
+	bpf_timer_start(&sw->timer, CTI_SWEEP_NS, 0);
+	return 0;
 }
 
 /* Read a new entry and store its record; its zone and clock for the
@@ -964,6 +1026,27 @@ int cti_reap(struct xdp_md *ctx)
 				__sync_fetch_and_add(&st->removed, 1);
 		}
 		return reply_done(ctx, i, 0);
+	}
+	if (c.op == CTI_OP_SWEEP) {
+		struct cti_sweeper *sw;
+		__u32 zero = 0;
+		long err;
+
+		sw = bpf_map_lookup_elem(&cti_sweeper, &zero);
+		if (!sw) {
+			a->status = -2;
+			return XDP_PASS;
+		}
+		err = bpf_timer_init(&sw->timer, &cti_sweeper, 1 /* CLOCK_MONOTONIC */);
+		if (!err) {
+			err = bpf_timer_set_callback(&sw->timer, sweep);
+			if (!err)
+				err = bpf_timer_start(&sw->timer, CTI_SWEEP_NS, 0);
+		} else if (err == -16 /* EBUSY: initialised, it runs */) {
+			err = 0;
+		}
+		a->status = err;
+		return XDP_PASS;
 	}
 	if (c.op != CTI_OP_REAP && c.op != CTI_OP_PRUNE) {
 		a->status = -22;

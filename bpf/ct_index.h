@@ -36,6 +36,7 @@
                               in the packet (entries found by a walk) */
 #define CTI_OP_DROP 5        /* delete the .budget slots (u64) that follow the
                               args (entries deleted by other means) */
+#define CTI_OP_SWEEP 6       /* start the sweeper (CTI_SWEEP_*) unless it runs */
 /* Records one CTI_OP_ADD run carries after struct cti_reap_args. */
 #define CTI_ADD_MAX 64
 /* Slots one CTI_OP_DROP run carries after struct cti_reap_args. */
@@ -201,8 +202,20 @@ struct cti_expired_sec {
 #define CTI_PRUNE_PER_APPEND 2
 #define CTI_PRUNE_EVERY 4
 /* A live record at the tail is moved to the head only when older than this
- * (seconds): younger ones are waited for (they are the oldest of the zone). */
+ * (seconds since it was made or last moved): younger ones are waited for
+ * (they are the oldest of the zone). */
 #define CTI_PRUNE_MOVE_AGE 30
+/* The sweeper, a BPF timer: every CTI_SWEEP_NS it prunes the tails of the
+ * next CTI_SWEEP_ZONES zones (all 65,536 in 0.4 s), CTI_SWEEP_SLOTS tail
+ * slots at most. The hook prunes a zone as it records, so a zone without
+ * new connections is pruned by the sweeper alone. It moves a live record
+ * (to reach dead ones behind it) only CTI_SWEEP_MOVE_AGE seconds after the
+ * record was made or last moved: a zone of long-lived connections is not
+ * cycled through without end. */
+#define CTI_SWEEP_NS 100000000
+#define CTI_SWEEP_ZONES 16384
+#define CTI_SWEEP_SLOTS 8192
+#define CTI_SWEEP_MOVE_AGE 300
 
 /* ---- CFFI-CDEF-END ---- */
 

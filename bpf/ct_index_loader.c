@@ -66,7 +66,7 @@ struct cti {
 	struct ct_index *skel;	/* NULL when opened from the pins (cti_open) */
 	int netns_fd;
 	/* the maps and the reaper: the skeleton's, or from the pins (owned) */
-	int fd_records, fd_zones, fd_stats, fd_meta, fd_expired, fd_empty, fd_reap;
+	int fd_records, fd_zones, fd_stats, fd_meta, fd_expired, fd_empty, fd_sweeper, fd_reap;
 	int own_fds;
 	long long max_records;
 	int preallocated;	/* the record map has no BPF_F_NO_PREALLOC */
@@ -74,8 +74,8 @@ struct cti {
 };
 
 static const char *const cti_map_pins[] = { "cti_records", "cti_zones", "cti_stats", "cti_meta",
-					     "cti_expired", "cti_empty_chunk" };
-#define CTI_NMAPS 6
+					     "cti_expired", "cti_empty_chunk", "cti_sweeper" };
+#define CTI_NMAPS 7
 /* the reaper is pinned as REAP_PIN_PREFIX<digest of this BPF object>: a pin
  * made by another build of the object is never run against these maps */
 #define REAP_PIN_PREFIX "prog_reap_"
@@ -184,7 +184,7 @@ int cti_check_dir(const char *dir)
 static int *map_fd_slot(struct cti *c, int i)
 {
 	int *slots[CTI_NMAPS] = { &c->fd_records, &c->fd_zones, &c->fd_stats, &c->fd_meta,
-				  &c->fd_expired, &c->fd_empty };
+				  &c->fd_expired, &c->fd_empty, &c->fd_sweeper };
 
 	return slots[i];
 }
@@ -337,7 +337,7 @@ static void close_fds(struct cti *c)
 	}
 	c->own_fds = 0;
 	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = -1;
-	c->fd_empty = c->fd_reap = -1;
+	c->fd_empty = c->fd_sweeper = c->fd_reap = -1;
 }
 
 /* Remove reaper pins of other builds (after an upgrade) and pin ours. */
@@ -401,7 +401,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 		return -ENOMEM;
 	c->netns_fd = -1;
 	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = -1;
-	c->fd_empty = c->fd_reap = -1;
+	c->fd_empty = c->fd_sweeper = c->fd_reap = -1;
 	strcpy(c->dir, pin_dir);
 	if (mkdir(c->dir, 0700) && errno != EEXIST) {
 		err = -errno;
@@ -490,6 +490,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	c->fd_meta = bpf_map__fd(c->skel->maps.cti_meta);
 	c->fd_expired = bpf_map__fd(c->skel->maps.cti_expired);
 	c->fd_empty = bpf_map__fd(c->skel->maps.cti_empty_chunk);
+	c->fd_sweeper = bpf_map__fd(c->skel->maps.cti_sweeper);
 	c->fd_reap = bpf_program__fd(c->skel->progs.cti_reap);
 	c->max_records = records_for(bpf_map__max_entries(c->skel->maps.cti_records));
 	c->preallocated = !(bpf_map__map_flags(c->skel->maps.cti_records) & BPF_F_NO_PREALLOC);
@@ -528,6 +529,19 @@ int cti_set_netns(struct cti *c, int netns_fd)
 		close(c->netns_fd);
 	c->netns_fd = fd;
 	return 0;
+}
+
+static int run_reaper(struct cti *c, void *req, size_t size);
+
+/* Start the sweeper (CTI_OP_SWEEP): it runs until the maps are unpinned and
+ * closed; starting it again is a no-op. */
+static int start_sweeper(struct cti *c)
+{
+	struct cti_reap_args a;
+
+	memset(&a, 0, sizeof(a));
+	a.op = CTI_OP_SWEEP;
+	return run_reaper(c, &a, sizeof(a));   /* no kfunc is called: any netns */
 }
 
 int cti_attach(struct cti *c, int netns_fd)
@@ -579,6 +593,8 @@ int cti_attach(struct cti *c, int netns_fd)
 		if (bpf_obj_pin(fds[i], path))
 			err = -errno;
 	}
+	if (!err)
+		err = start_sweeper(c);
 	for (i = 0; i < CTI_NLINKS; i++) {
 		if (err) {
 			pin_path(c, cti_hooks[i].name, path, sizeof(path));

@@ -646,12 +646,84 @@ def test_non_root_attach_exits_3(topo, nobody_cli):
 
 # -- issue 12: records of entries that end on their own are pruned ----------------------
 
+def _sweeper(pin_dir):
+    """The sweeper's map value as the kernel holds it (bpftool, by BTF)."""
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned",
+                          os.path.join(pin_dir, "cti_sweeper")],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)[0]["formatted"]["value"]
+
+
+def _stop_sweeper(pin_dir):
+    """Stop the sweeper: writing its map element from user space cancels the
+    element's BPF timer. Isolates the hook's own pruning."""
+    path = os.path.join(pin_dir, "cti_sweeper")
+    size = _map_info(pin_dir, "cti_sweeper")["bytes_value"]
+    subprocess.run(["bpftool", "map", "update", "pinned", path, "key", "0", "0", "0", "0",
+                    "value", *["0"] * size], check=True)
+    import time
+    time.sleep(0.2)                    # a run in progress ends
+    cursor = _sweeper(pin_dir)["cursor"]
+    time.sleep(0.3)
+    assert _sweeper(pin_dir)["cursor"] == cursor, "the sweeper still runs"
+
+
+def test_records_of_a_zone_without_new_connections_are_swept(topo, host):
+    """A zone whose connections all ended and that gets no new ones: the hook
+    never prunes it (it prunes a zone as it records into it), the sweeper
+    does, so its records do not hold the room another zone needs."""
+    import time
+    ns = topo.host_netns
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                    "net.netfilter.nf_conntrack_udp_timeout=1"], check=True)
+    pin_dir = host.attach_index(max_records=4000).pin_dir   # 390 chunks (chunks_for)
+    topo.send("udp", 4, 5, 11000)                            # 355 of them
+    deadline = time.monotonic() + 30
+    while listed(ns, 5) and time.monotonic() < deadline:     # conntrack-tools
+        time.sleep(0.5)
+    assert listed(ns, 5) == []
+    deadline = time.monotonic() + 10
+    while host.index_status()["zones"].get(5, {}).get("records", 0) > 64 \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    z = host._index().zone(5)
+    assert z["records"] <= 64 and z["pruned"] >= 11000 - 64, z   # the hook's tail window
+    topo.send("udp", 4, 6, 3000)                             # needs ~97 chunks
+    status = host.index_status()
+    assert status["dirty_zones"] == [], status["dirty_zones"]
+    res = host.delete(Filter(zone=6))
+    assert res.strategy == "index" and res.deleted == 3000, res.reason
+    assert listed(ns, 6) == []
+    assert host.index_audit()["missing"] == 0
+
+
+def test_the_sweeper_goes_with_the_index(topo, host):
+    """Its timer runs while the index is pinned, and stops with it: no map
+    of a detached index is left in the kernel."""
+    import time
+    pin_dir = host.attach_index().pin_dir
+    sweeper_id = _map_info(pin_dir, "cti_sweeper")["id"]
+    cursor = _sweeper(pin_dir)["cursor"]
+    time.sleep(0.35)
+    assert _sweeper(pin_dir)["cursor"] != cursor           # it runs
+    assert host.attach_index().already_attached             # reopening starts no second one
+    assert host.detach_index()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        gone = subprocess.run(["bpftool", "map", "show", "id", str(sweeper_id)],
+                              capture_output=True).returncode != 0
+        if gone:
+            break
+        time.sleep(0.2)
+    assert gone, "the sweeper's map outlived the index"
+
+
 @pytest.mark.parametrize("preallocate", [False, True])
 def test_hook_prunes_records_of_gone_entries(topo, host, preallocate):
     ns = topo.host_netns
     subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
                     "net.netfilter.nf_conntrack_udp_timeout=1"], check=True)
-    host.attach_index(preallocate=preallocate)
+    _stop_sweeper(host.attach_index(preallocate=preallocate).pin_dir)   # the hook alone
     topo.send("udp", 4, 5, 2000)
     assert host.index_status()["zones"][5]["records"] == 2000
     import time
@@ -674,7 +746,7 @@ def test_hook_prunes_records_of_expired_entries_before_the_gc_frees_them(topo, h
     ns = topo.host_netns
     subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
                     "net.netfilter.nf_conntrack_udp_timeout=1"], check=True)
-    host.attach_index()
+    _stop_sweeper(host.attach_index().pin_dir)   # the hook alone
     topo.send("udp", 4, 5, 2000)
     import time
     time.sleep(2.5)                    # all expired; the gc may not have come by
