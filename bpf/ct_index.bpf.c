@@ -13,6 +13,8 @@
  *   reply is written back into it.  It walks one zone's slots [tail, end),
  *   expires matching entries with bpf_ct_change_timeout(ct, 0) and reaps them
  *   at once with a second lookup, and drops records of entries that are gone.
+ *   Its CTI_OP_SWEEP starts the sweeper: a BPF timer that prunes the tails of
+ *   every zone in turn (the hook prunes only the zones it records into).
  *
  * Layout: each zone has a slot window [tail, head) in cti_zones[zone];
  * appends reserve a slot with an atomic add on head.  Slots live in chunks
