@@ -94,10 +94,11 @@ struct {
 	__type(value, struct cti_expired_sec);
 } cti_expired SEC(".maps");
 
-/* the sweeper's timer and the next zone it visits */
+/* the sweeper's timer, the next zone it visits and its runs so far */
 struct cti_sweeper {
 	struct bpf_timer timer;
 	__u32 cursor;
+	__u64 runs;
 };
 
 struct {
@@ -626,6 +627,7 @@ static int sweep(void *map, __u32 *key, struct cti_sweeper *sw)
 	if (s.p.st)
 		bpf_loop(CTI_SWEEP_ZONES, sweep_zone, &s, 0);
 	sw->cursor = s.next;
+	sw->runs++;
 	bpf_timer_start(&sw->timer, CTI_SWEEP_NS, 0);
 	return 0;
 }
