@@ -27,6 +27,17 @@
 /* Upper bound of records visited by one BPF_PROG_TEST_RUN of the reaper. */
 #define CTI_MAX_BATCH 8192
 
+/* Where the hook is linked (BPF_LINK_CREATE, netfilter): IPv4 and IPv6,
+ * PRE_ROUTING and LOCAL_OUT, right after conntrack. uapi values from kernel
+ * 6.4+, absent from older headers. */
+#define CTI_PROG_TYPE_NETFILTER 32
+#define CTI_ATTACH_NETFILTER 45
+#define CTI_NFPROTO_IPV4 2
+#define CTI_NFPROTO_IPV6 10
+#define CTI_NF_INET_PRE_ROUTING 0
+#define CTI_NF_INET_LOCAL_OUT 3
+#define CTI_PRIORITY -199   /* NF_IP_PRI_CONNTRACK (-200) + 1 */
+
 /* struct cti_reap_args.op */
 #define CTI_OP_REAP 1        /* expire matching TCP/UDP entries, prune dead */
 #define CTI_OP_PRUNE 2       /* only drop records whose entry is gone */

@@ -30,14 +30,7 @@
 #include "ct_index_loader.h"
 #include "ct_index.skel.h"
 
-/* uapi values from kernel 6.4+, absent from older headers */
-#define CTI_PROG_TYPE_NETFILTER 32
-#define CTI_ATTACH_NETFILTER 45
-#define CTI_NFPROTO_IPV4 2
-#define CTI_NFPROTO_IPV6 10
-#define CTI_NF_INET_PRE_ROUTING 0
-#define CTI_NF_INET_LOCAL_OUT 3
-#define CTI_PRIORITY (-200 + 1) /* NF_IP_PRI_CONNTRACK + 1 */
+/* the hook points and uapi values: ct_index.h */
 #define CTI_NLINKS 4
 
 /* BPF_LINK_CREATE attr prefix with the netfilter member (kernel 6.4+) */

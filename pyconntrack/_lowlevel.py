@@ -22,6 +22,12 @@ K_FAMILY = lib.PCT_K_FAMILY
 CHUNK_SLOTS = lib.CTI_CHUNK_SLOTS
 CHUNK_BYTES = ffi.sizeof("struct cti_chunk")
 META_VERSION = lib.CTI_META_VERSION
+# where the index's hook is linked: (protocol family, netfilter hook), priority
+INDEX_HOOKS = [(pf, hook) for pf in (lib.CTI_NFPROTO_IPV4, lib.CTI_NFPROTO_IPV6)
+               for hook in (lib.CTI_NF_INET_PRE_ROUTING, lib.CTI_NF_INET_LOCAL_OUT)]
+INDEX_HOOK_PRIORITY = lib.CTI_PRIORITY
+NETFILTER_PROG_TYPE = lib.CTI_PROG_TYPE_NETFILTER
+NETFILTER_ATTACH_TYPE = lib.CTI_ATTACH_NETFILTER
 K_MARK = lib.PCT_K_MARK
 K_ZONE = lib.PCT_K_ZONE
 K_TUPLE_V4 = lib.PCT_K_TUPLE_V4

@@ -237,19 +237,23 @@ def refused_for_privileges(reason: str) -> bool:
     return "CAP_BPF" in reason
 
 
+def _full_chunks(max_records: int) -> int:
+    return -(-max_records // CHUNK_SLOTS)
+
+
 def chunks_for(max_records: int) -> int:
     """Chunks of the record map for max_records records (chunks_for in
     bpf/ct_index_loader.c): a zone's records fill chunks of their own, so a
     zone in use also holds one or two partly used chunks; the records' full
     chunks, plus two for each of as many zones as there are full chunks."""
-    full = -(-max_records // CHUNK_SLOTS)
+    full = _full_chunks(max_records)
     return full + 2 * min(full, MAX_ZONES)
 
 
 def capacity(max_records: int) -> int:
     """Records an index asked for max_records holds, however they are spread
     over zones: whole chunks."""
-    return -(-max_records // CHUNK_SLOTS) * CHUNK_SLOTS
+    return _full_chunks(max_records) * CHUNK_SLOTS
 
 
 def _bucket_bytes(max_records: int) -> int:

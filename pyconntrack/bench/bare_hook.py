@@ -13,19 +13,13 @@ import struct
 import threading
 from typing import List, Optional
 
+from .._lowlevel import (INDEX_HOOK_PRIORITY, INDEX_HOOKS, NETFILTER_ATTACH_TYPE,
+                         NETFILTER_PROG_TYPE)
 from .peers import enter_netns
 
 # uapi/linux/bpf.h
 BPF_PROG_LOAD = 5
 BPF_LINK_CREATE = 28
-BPF_PROG_TYPE_NETFILTER = 32
-BPF_NETFILTER = 45
-# the index's hook points and priority (bpf/ct_index_loader.c)
-NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
-NF_INET_PRE_ROUTING, NF_INET_LOCAL_OUT = 0, 3
-PRIORITY = -200 + 1   # NF_IP_PRI_CONNTRACK + 1
-HOOKS = [(pf, hook) for pf in (NFPROTO_IPV4, NFPROTO_IPV6)
-         for hook in (NF_INET_PRE_ROUTING, NF_INET_LOCAL_OUT)]
 NR_BPF = {"x86_64": 321, "aarch64": 280}
 NF_ACCEPT = 1
 # r0 = NF_ACCEPT; exit
@@ -62,9 +56,9 @@ class BareHook:
         # union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license,
         # log_level, log_size, log_buf, kern_version, prog_flags, prog_name,
         # prog_ifindex, expected_attach_type
-        attr = struct.pack("=IIQQIIQII16sII", BPF_PROG_TYPE_NETFILTER, len(PROGRAM) // 8,
+        attr = struct.pack("=IIQQIIQII16sII", NETFILTER_PROG_TYPE, len(PROGRAM) // 8,
                            ctypes.addressof(insns), ctypes.addressof(license), 0, 0, 0, 0, 0,
-                           b"pct_bare_hook", 0, BPF_NETFILTER)
+                           b"pct_bare_hook", 0, NETFILTER_ATTACH_TYPE)
         self.fds.append(_bpf(BPF_PROG_LOAD, attr.ljust(128, b"\0")))
         errors: List[BaseException] = []
         thread = threading.Thread(target=self._link, args=(netns, errors))
@@ -77,11 +71,11 @@ class BareHook:
     def _link(self, netns: str, errors: List[BaseException]) -> None:
         try:
             enter_netns(netns)   # this thread only: it ends after linking
-            for pf, hook in HOOKS:
+            for pf, hook in INDEX_HOOKS:
                 # BPF_LINK_CREATE: prog_fd, target_fd, attach_type, flags,
                 # netfilter {pf, hooknum, priority, flags}
-                attr = struct.pack("=IIIIIIiI", self.fds[0], 0, BPF_NETFILTER, 0, pf, hook,
-                                   PRIORITY, 0)
+                attr = struct.pack("=IIIIIIiI", self.fds[0], 0, NETFILTER_ATTACH_TYPE, 0, pf,
+                                   hook, INDEX_HOOK_PRIORITY, 0)
                 self.fds.append(_bpf(BPF_LINK_CREATE, attr.ljust(64, b"\0")))
         except BaseException as e:   # raised again in the caller's thread
             errors.append(e)
