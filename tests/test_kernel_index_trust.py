@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -661,7 +662,6 @@ def _stop_sweeper(pin_dir):
     size = _map_info(pin_dir, "cti_sweeper")["bytes_value"]
     subprocess.run(["bpftool", "map", "update", "pinned", path, "key", "0", "0", "0", "0",
                     "value", *["0"] * size], check=True)
-    import time
     time.sleep(0.2)                    # a run in progress ends
     runs = _sweeper(pin_dir)["runs"]
     time.sleep(0.5)
@@ -672,7 +672,6 @@ def test_records_of_a_zone_without_new_connections_are_swept(topo, host):
     """A zone whose connections all ended and that gets no new ones: the hook
     never prunes it (it prunes a zone as it records into it), the sweeper
     does, so its records do not hold the room another zone needs."""
-    import time
     ns = topo.host_netns
     host.attach_index(max_records=4000)                      # 390 chunks (chunks_for)
     topo.send("udp", 4, 5, 11000)                            # 355 of them
@@ -698,7 +697,6 @@ def test_records_of_a_zone_without_new_connections_are_swept(topo, host):
 def test_the_sweeper_goes_with_the_index(topo, host):
     """Its timer runs while the index is pinned, and stops with it: no map
     of a detached index is left in the kernel."""
-    import time
     pin_dir = host.attach_index().pin_dir
     sweeper_id = _map_info(pin_dir, "cti_sweeper")["id"]
     runs = _sweeper(pin_dir)["runs"]
@@ -724,7 +722,6 @@ def test_hook_prunes_records_of_gone_entries(topo, host, preallocate):
     _stop_sweeper(host.attach_index(preallocate=preallocate).pin_dir)   # the hook alone
     topo.send("udp", 4, 5, 2000)
     assert host.index_status()["zones"][5]["records"] == 2000
-    import time
     time.sleep(2.5)
     conntrack_tool(ns, "-L")          # a dump unlinks expired entries: they are freed
     assert listed(ns, 5) == []
@@ -746,7 +743,6 @@ def test_hook_prunes_records_of_expired_entries_before_the_gc_frees_them(topo, h
                     "net.netfilter.nf_conntrack_udp_timeout=1"], check=True)
     _stop_sweeper(host.attach_index().pin_dir)   # the hook alone
     topo.send("udp", 4, 5, 2000)
-    import time
     time.sleep(2.5)                    # all expired; the gc may not have come by
     topo.send("udp", 4, 5, 2000, dport=30000)   # each new record prunes the zone's tail
     ix = host._index()
