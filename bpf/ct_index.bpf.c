@@ -928,13 +928,15 @@ next:
 	return 0;
 }
 
-/* CTI_OP_ADD: append the n records behind the request. Its own stack
- * frame (the reaper's and reap_one's fill the rest). Returns the records
- * read << 32 | those lost. */
+/* CTI_OP_ADD: append the n records behind the request, each aged from now
+ * (the pruner and the sweeper move a live record only once it is old: a
+ * walk's records would otherwise all be moved at first sight). Its own
+ * stack frame (the reaper's and reap_one's fill the rest). Returns the
+ * records read << 32 | those lost. */
 static __noinline __u64 add_records(struct xdp_md *ctx, struct cti_zone *zm, __u32 zone,
 				    __u32 n)
 {
-	__u32 i, lost = 0, added = 0, zero = 0;
+	__u32 i, lost = 0, added = 0, zero = 0, now = bpf_ktime_get_ns() / 1000000000ULL;
 	struct cti_stats *st;
 
 	if (!zm)
@@ -949,6 +951,7 @@ static __noinline __u64 add_records(struct xdp_md *ctx, struct cti_zone *zm, __u
 			continue;
 		if (!(rec.zone_dir & CTI_ZONE_DIR_BOTH))
 			rec.zone_dir = CTI_ZONE_DIR_BOTH;
+		rec.ts_sec = now;
 		if (cti_append(zm, zone, &rec) < 0)
 			lost++;
 		else

@@ -809,3 +809,24 @@ def test_an_index_of_another_record_layout_is_walked_around_then_replaced(topo, 
         assert res.strategy == "index" and res.deleted == 50, res
         assert listed(ns, 5) == [] and len(listed(ns, 6)) == 20
         assert other.detach_index()
+
+
+def test_records_of_the_attach_walk_are_aged_from_when_they_were_recorded(topo, host):
+    """The pruner and the sweeper move a live record to the head only once
+    it is old (300 s for the sweeper). Records of the attach walk count
+    their age from the walk: the sweeper, which visits every zone within
+    0.4 s, leaves them where they are. (They counted from 0 before: all were
+    moved at the sweeper's first visit, and an audit reading the zone at
+    that moment missed them.)"""
+    topo.send("udp", 4, 5, 300)
+    assert host.attach_index().seeded == 300
+    pin_dir = host._index().dir
+    runs = _sweeper(pin_dir)["runs"]
+    deadline = time.monotonic() + 10
+    while _sweeper(pin_dir)["runs"] < runs + 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _sweeper(pin_dir)["runs"] >= runs + 6            # every zone visited
+    z = host._index().zone(5)
+    assert z["moves"] == 0 and z["records"] == 300, z
+    assert host.index_audit()["missing"] == 0
+    assert len(listed(topo.host_netns, 5)) == 300           # conntrack-tools
