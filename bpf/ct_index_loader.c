@@ -812,18 +812,16 @@ static __u64 slot_key(unsigned int zone, unsigned long long n)
 	return ((__u64)zone << CTI_SLOT_BITS) | (n & CTI_SLOT_MASK);
 }
 
-int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf,
-			unsigned long long *slots, unsigned int n)
+/* One read of a zone's window (see cti_zone_records_at) */
+static int read_zone_records(struct cti *c, unsigned int zone, const struct cti_zone *zs,
+			     struct cti_record *buf, unsigned long long *slots, unsigned int n)
 {
 	static __thread struct cti_chunk chunk_buf[2];
-	struct cti_zone z;
+	struct cti_zone z = *zs;
 	unsigned long long slot;
 	unsigned int cnt = 0;
-	int fd, err;
+	int fd;
 
-	err = cti_zone_stats(c, zone, &z);
-	if (err)
-		return err;
 	fd = c->fd_records;
 	/* a slot holds its record once seq == its key + 1 */
 	for (slot = z.tail; slot < z.head && cnt < n;) {
@@ -858,6 +856,32 @@ int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf
 		}
 	}
 	return (int)cnt;
+}
+
+/* A live record the pruner or the sweeper moves goes to a slot past the
+ * window read, and its old slot is emptied: a read that overlapped a move
+ * may lack it. Moves are counted (cti_zone.moves, before the old slot is
+ * emptied), so the window is read again until none overlapped; after
+ * CTI_READ_TRIES reads of a zone that keeps moving, the last read is
+ * returned as it is. */
+#define CTI_READ_TRIES 16
+int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf,
+			unsigned long long *slots, unsigned int n)
+{
+	struct cti_zone before, after;
+	int i, cnt = 0, err;
+
+	err = cti_zone_stats(c, zone, &before);
+	for (i = 0; !err && i < CTI_READ_TRIES; i++) {
+		cnt = read_zone_records(c, zone, &before, buf, slots, n);
+		if (cnt < 0)
+			return cnt;
+		err = cti_zone_stats(c, zone, &after);
+		if (err || after.moves == before.moves)
+			break;
+		before = after;
+	}
+	return err ? err : cnt;
 }
 
 /* size of struct bpf_ct_opts in the kernel's (or nf_conntrack's) BTF */
