@@ -817,20 +817,19 @@ static int read_zone_records(struct cti *c, unsigned int zone, const struct cti_
 			     struct cti_record *buf, unsigned long long *slots, unsigned int n)
 {
 	static __thread struct cti_chunk chunk_buf[2];
-	struct cti_zone z = *zs;
 	unsigned long long slot;
 	unsigned int cnt = 0;
 	int fd;
 
 	fd = c->fd_records;
 	/* a slot holds its record once seq == its key + 1 */
-	for (slot = z.tail; slot < z.head && cnt < n;) {
+	for (slot = zs->tail; slot < zs->head && cnt < n;) {
 		unsigned long long chunk = slot / CTI_CHUNK_SLOTS;
 		unsigned long long end = (chunk + 1) * CTI_CHUNK_SLOTS;
 		__u64 key = slot_key(zone, chunk);
 
-		if (end > z.head)
-			end = z.head;
+		if (end > zs->head)
+			end = zs->head;
 		/* Records are written in place, then published: a copy of the
 		 * chunk made while one is written may show it published with the
 		 * record only half copied. A second copy, made after the first
