@@ -58,12 +58,29 @@ struct {
 	__type(value, struct cti_chunk);
 } cti_records SEC(".maps");
 
-/* the value a new chunk starts from (all slots empty) */
+/* the tuples of records a walk added (the hook's hold the entry's address) */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	/* the loader sizes it for its max_records; never preallocated (walks
+	 * are not on the packet path) */
+	__uint(max_entries, CTI_DEFAULT_MAX_RECORDS / CTI_TUPLE_SLOTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct cti_tuple_chunk);
+} cti_tuples SEC(".maps");
+
+/* the value a new chunk (of either map) is made from: zeros, as big as the
+ * bigger of the two */
+union cti_empty {
+	struct cti_chunk slots;
+	struct cti_tuple_chunk tuples;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct cti_chunk);
+	__type(value, union cti_empty);
 } cti_empty_chunk SEC(".maps");
 
 struct {
@@ -134,6 +151,9 @@ static __always_inline void count_removed(__u64 n)
 		st->removed += n;
 }
 
+_Static_assert(CTI_CHUNK_SLOTS == 2 * CTI_TUPLE_SLOTS,
+	       "a chunk of slots holds the slots of two tuple chunks (free_chunk)");
+
 static __always_inline __u64 cti_key(__u32 zone, __u64 slot)
 {
 	return ((__u64)zone << CTI_SLOT_BITS) | (slot & CTI_SLOT_MASK);
@@ -164,28 +184,91 @@ static __always_inline struct cti_slot *slot_at(__u32 zone, __u64 slot, int crea
 	return &c->s[i];
 }
 
-/* Store a record in a slot no one has used. 0, or -1 (map full). */
-static __always_inline int rec_insert(__u32 zone, __u64 slot, const struct cti_record *rec)
+static __always_inline void count_tuple_chunks(long n)
 {
-	struct cti_slot *s = slot_at(zone, slot, 1);
+	__u32 zero = 0;
+	struct cti_stats *st = bpf_map_lookup_elem(&cti_stats, &zero);
 
+	if (st)
+		st->tuple_chunks += n;
+}
+
+/* Where a walk's record keeps its tuple; with create, its chunk is made if
+ * missing. NULL: no such chunk, or the map is full. */
+static __always_inline struct cti_record *tuple_at(__u32 zone, __u64 slot, int create)
+{
+	__u64 key = cti_key(zone, slot / CTI_TUPLE_SLOTS);
+	__u32 i = slot % CTI_TUPLE_SLOTS, zero = 0;
+	struct cti_tuple_chunk *c = bpf_map_lookup_elem(&cti_tuples, &key);
+
+	if (!c && create) {
+		union cti_empty *empty = bpf_map_lookup_elem(&cti_empty_chunk, &zero);
+
+		if (!empty)
+			return NULL;
+		if (!bpf_map_update_elem(&cti_tuples, &key, empty, BPF_NOEXIST))
+			count_tuple_chunks(1);
+		c = bpf_map_lookup_elem(&cti_tuples, &key);
+	}
+	asm volatile("" : "+r"(i));
+	if (!c || i >= CTI_TUPLE_SLOTS)
+		return NULL;
+	return &c->r[i];
+}
+
+/* Store a record in a slot no one has used: the hook's (rec->ct set) is its
+ * entry's address, age and tuple fingerprint fp; a walk's keeps its tuple in
+ * cti_tuples, written before the slot is published. 0, or -1 (map full). */
+static __always_inline int rec_insert(__u32 zone, __u64 slot, const struct cti_record *rec,
+				      __u32 fp)
+{
+	struct cti_slot *s;
+
+	if (!rec->ct) {
+		struct cti_record *t = tuple_at(zone, slot, 1);
+
+		if (!t)
+			return -1;
+		*t = *rec;
+	}
+	s = slot_at(zone, slot, 1);
 	if (!s || s->seq)
 		return -1;
-	s->rec = *rec;
+	s->ct = rec->ct;
+	s->ts_sec = rec->ts_sec;
+	s->fp = fp;
 	__sync_lock_test_and_set(&s->seq, cti_key(zone, slot) + 1);   /* publish: a full barrier */
 	return 0;
 }
 
-/* Copy the slot's record out. 0, or -1: an empty slot (a hole). A record
- * is never rewritten in place, so a copy that raced a delete is the
- * record as it was. */
-static __always_inline int rec_lookup(__u32 zone, __u64 slot, struct cti_record *out)
+/* The slot's record. 0, or -1: an empty slot (a hole). A hook record comes
+ * out as its entry's address and age, its fingerprint in *fp
+ * (resolve_record reads the rest from the entry); a walk's with its tuple. A record is never
+ * rewritten in place; a walk's tuple chunk is freed only after its slots
+ * were emptied, so a tuple copied while the slot was still published after
+ * the copy is the record's. */
+static __always_inline int rec_lookup(__u32 zone, __u64 slot, struct cti_record *out,
+				      __u32 *fp)
 {
 	struct cti_slot *s = slot_at(zone, slot, 0);
+	__u64 want = cti_key(zone, slot) + 1;
+	struct cti_record *t;
 
-	if (!s || __sync_fetch_and_add(&s->seq, 0) != cti_key(zone, slot) + 1)
+	if (!s || __sync_fetch_and_add(&s->seq, 0) != want)
 		return -1;
-	*out = s->rec;
+	out->ct = s->ct;
+	out->ts_sec = s->ts_sec;
+	out->hook = 0;
+	out->zone = zone;
+	*fp = s->fp;
+	if (out->ct)
+		return 0;
+	t = tuple_at(zone, slot, 0);
+	if (!t)
+		return -1;
+	__builtin_memcpy(out, t, __builtin_offsetof(struct cti_record, hook));
+	if (__sync_fetch_and_add(&s->seq, 0) != want)
+		return -1;
 	return 0;
 }
 
@@ -228,17 +311,26 @@ static long empty_slot(__u64 i, void *data)
 	return 0;
 }
 
+/* a chunk of slots and the tuple chunks of its slots go together: the
+ * slots are emptied first, so no reader takes a freed tuple for a record */
 static __always_inline void free_chunk(__u32 zone, __u64 chunk, struct cti_zone *zm,
 				       struct cti_stats *st)
 {
 	__u64 key = cti_key(zone, chunk);
 	struct empty_ctx e = { .zm = zm, .st = st };
+	__u64 tkey = cti_key(zone, chunk * (CTI_CHUNK_SLOTS / CTI_TUPLE_SLOTS));
+	long freed = 0;
 
 	e.c = bpf_map_lookup_elem(&cti_records, &key);
-	if (!e.c)
-		return;
-	bpf_loop(CTI_CHUNK_SLOTS, empty_slot, &e, 0);
-	bpf_map_delete_elem(&cti_records, &key);
+	if (e.c) {
+		bpf_loop(CTI_CHUNK_SLOTS, empty_slot, &e, 0);
+		bpf_map_delete_elem(&cti_records, &key);
+	}
+	freed += !bpf_map_delete_elem(&cti_tuples, &tkey);
+	tkey++;
+	freed += !bpf_map_delete_elem(&cti_tuples, &tkey);
+	if (freed)
+		count_tuple_chunks(-freed);
 }
 
 /* a reaper run moved the tail from..to: free the chunks now below it */
@@ -273,12 +365,12 @@ static __noinline void free_chunks_below(__u32 zone, struct cti_zone *zm, __u64 
  * Returns the slot, or -1 when the record could not be stored: the zone is
  * then marked dirty, so the index is never silently incomplete. */
 static __always_inline long long cti_append(struct cti_zone *zm, __u32 zone,
-					    const struct cti_record *rec)
+					    const struct cti_record *rec, __u32 fp)
 {
 	long long slot;
 
 	slot = __sync_fetch_and_add(&zm->head, 1);
-	if (rec_insert(zone, slot, rec)) {
+	if (rec_insert(zone, slot, rec, fp)) {
 		__sync_fetch_and_add(&zm->failed, 1);
 		slot = -1;
 	} else {
@@ -291,74 +383,6 @@ static __always_inline long long cti_append(struct cti_zone *zm, __u32 zone,
 /* ------------------------------------------------------------------ */
 /* Netfilter program: record new entries                               */
 /* ------------------------------------------------------------------ */
-
-/* Does the kernel's struct nf_conntrack_tuple have this object's layout? It
- * has not changed in years; CO-RE makes this a constant at load time. */
-static __always_inline int tuple_layout_matches(void)
-{
-	return bpf_core_type_size(struct nf_conntrack_tuple) ==
-		       sizeof(struct nf_conntrack_tuple) &&
-	       bpf_core_field_offset(struct nf_conntrack_tuple, src.u3) ==
-		       __builtin_offsetof(struct nf_conntrack_tuple, src.u3) &&
-	       bpf_core_field_offset(struct nf_conntrack_tuple, src.u) ==
-		       __builtin_offsetof(struct nf_conntrack_tuple, src.u) &&
-	       bpf_core_field_offset(struct nf_conntrack_tuple, src.l3num) ==
-		       __builtin_offsetof(struct nf_conntrack_tuple, src.l3num) &&
-	       bpf_core_field_offset(struct nf_conntrack_tuple, dst.u3) ==
-		       __builtin_offsetof(struct nf_conntrack_tuple, dst.u3) &&
-	       bpf_core_field_offset(struct nf_conntrack_tuple, dst.u) ==
-		       __builtin_offsetof(struct nf_conntrack_tuple, dst.u) &&
-	       bpf_core_field_offset(struct nf_conntrack_tuple, dst.protonum) ==
-		       __builtin_offsetof(struct nf_conntrack_tuple, dst.protonum);
-}
-
-/* The original tuple in one probe read where the layout matches, else field
- * by field (the fallback of read_ct_probed below). What cannot be read is
- * zeroed by the probe read. */
-static __always_inline void read_tuple(const struct nf_conntrack_tuple *t,
-				       struct nf_conntrack_tuple *out)
-{
-	if (tuple_layout_matches()) {
-		bpf_probe_read_kernel(out, sizeof(*out), t);
-		return;
-	}
-	bpf_core_read(&out->src.u3, sizeof(out->src.u3), &t->src.u3);
-	bpf_core_read(&out->src.u.all, sizeof(out->src.u.all), &t->src.u.all);
-	bpf_core_read(&out->src.l3num, sizeof(out->src.l3num), &t->src.l3num);
-	bpf_core_read(&out->dst.u3, sizeof(out->dst.u3), &t->dst.u3);
-	bpf_core_read(&out->dst.u.all, sizeof(out->dst.u.all), &t->dst.u.all);
-	bpf_core_read(&out->dst.protonum, sizeof(out->dst.protonum), &t->dst.protonum);
-}
-
-/* What the index needs of an nf_conn. */
-struct ct_view {
-	unsigned long status;
-	int use;             /* ct_general.use: 0 once the entry is freed */
-	__u32 timeout;       /* jiffies, 32 bits */
-	__u16 zone;
-	__u8 zone_dir;       /* CTI_ZONE_DIR_*, never 0 */
-	struct nf_conntrack_tuple t;   /* original direction */
-};
-
-/* Bytes from the start of nf_conn to the end of status: use, timeout, zone,
- * both tuples and status (136 on x86-64 for years). */
-#define CT_HEAD_MAX 144
-#define CT_OFF(field) bpf_core_field_offset(struct nf_conn, field)
-
-/* Does the running kernel's nf_conn keep everything the view needs in its
- * first CT_HEAD_MAX bytes, with the field sizes this object reads? CO-RE
- * makes each term a constant at load time. */
-static __always_inline int ct_head_fits(void)
-{
-	return bpf_core_field_exists(struct nf_conn, zone) &&
-	       bpf_core_field_size(struct nf_conn, status) == sizeof(unsigned long) &&
-	       bpf_core_field_size(struct nf_conn, timeout) == sizeof(__u32) &&
-	       bpf_core_field_size(struct nf_conn, ct_general.use.refs.counter) == sizeof(int) &&
-	       bpf_core_field_size(struct nf_conn, zone.id) == sizeof(__u16) &&
-	       bpf_core_field_size(struct nf_conn, zone.dir) == sizeof(__u8) &&
-	       CT_OFF(status) + sizeof(unsigned long) <= CT_HEAD_MAX &&
-	       CT_OFF(tuplehash[0].tuple) + sizeof(struct nf_conntrack_tuple) <= CT_HEAD_MAX;
-}
 
 /* The kernel's BTF id of struct nf_conn, set by the loader before load; 0
  * when the kernel's own BTF has none (conntrack in a module whose BTF alone
@@ -398,70 +422,10 @@ static __always_inline __u32 record_differs(const struct cti_record *r, __u16 zo
 	       (da[3] ^ r->daddr[3]);
 }
 
-/* read_ct without nf_conn's BTF id: in one probe read where its head fits
- * (each probe read is a helper call of ~40 ns), else field by field. A
- * probe read zeroes what it cannot read. Not inlined: its buffer then lives
- * in its own stack frame, once. */
-static __noinline void read_ct_probed(struct nf_conn *ct, struct ct_view *v)
-{
-	struct nf_conntrack_zone z = {};
-
-	if (ct_head_fits() && tuple_layout_matches()) {
-		__u64 head[CT_HEAD_MAX / 8];   /* aligned: the verifier wants it */
-		__u8 *buf = (__u8 *)head;
-
-		if (bpf_probe_read_kernel(buf, CT_OFF(status) + sizeof(unsigned long), ct))
-			return;   /* v stays zero: use 0 */
-		v->status = *(unsigned long *)(buf + CT_OFF(status));
-		v->use = *(int *)(buf + CT_OFF(ct_general.use.refs.counter));
-		v->timeout = *(__u32 *)(buf + CT_OFF(timeout));
-		v->zone = *(__u16 *)(buf + CT_OFF(zone.id));
-		v->zone_dir = *(__u8 *)(buf + CT_OFF(zone.dir));
-		__builtin_memcpy(&v->t, buf + CT_OFF(tuplehash[0].tuple), sizeof(v->t));
-		return;
-	}
-	bpf_core_read(&v->status, sizeof(v->status), &ct->status);
-	bpf_core_read(&v->use, sizeof(v->use), &ct->ct_general.use.refs.counter);
-	bpf_core_read(&v->timeout, sizeof(v->timeout), &ct->timeout);
-	if (bpf_core_field_exists(ct->zone))
-		bpf_core_read(&z, sizeof(z), &ct->zone);
-	v->zone = z.id;
-	v->zone_dir = z.dir;
-	read_tuple(&ct->tuplehash[0].tuple, &v->t);
-}
-
 /* The nf_conn at addr as a pointer plain loads may read (nf_conn_btf_id set) */
 static __always_inline const struct nf_conn *ct_plain(unsigned long addr)
 {
 	return bpf_rdonly_cast((const void *)addr, nf_conn_btf_id);
-}
-
-/* Read what the index needs of the nf_conn at addr (v zeroed by the
- * caller). What cannot be read reads as zeros: use 0, so the entry counts
- * as gone. */
-static __always_inline void read_ct(unsigned long addr, struct ct_view *v)
-{
-	if (nf_conn_btf_id) {
-		const struct nf_conn *ct = ct_plain(addr);
-		const struct nf_conntrack_tuple *t = &ct->tuplehash[0].tuple;
-
-		v->status = ct->status;
-		v->use = ct->ct_general.use.refs.counter;
-		v->timeout = ct->timeout;
-		if (bpf_core_field_exists(ct->zone)) {
-			v->zone = ct->zone.id;
-			v->zone_dir = ct->zone.dir;
-		}
-		__builtin_memcpy(&v->t.src.u3, &t->src.u3, sizeof(v->t.src.u3));
-		__builtin_memcpy(&v->t.dst.u3, &t->dst.u3, sizeof(v->t.dst.u3));
-		v->t.src.u.all = t->src.u.all;
-		v->t.dst.u.all = t->dst.u.all;
-		v->t.src.l3num = t->src.l3num;
-		v->t.dst.protonum = t->dst.protonum;
-	} else {
-		read_ct_probed((struct nf_conn *)addr, v);
-	}
-	v->zone_dir = zone_dir_of(v->zone_dir);
 }
 
 /* The entry's status alone: a repeat packet of a connection without a
@@ -480,25 +444,116 @@ static __always_inline unsigned long read_ct_status(unsigned long addr)
 #define CTI_ALIVE 1
 #define CTI_EXPIRED 2	/* still in the table, but timed out: no lookup finds it */
 
-/* Is the entry a hook record points at still the record's? Conntrack entries
- * come from a SLAB_TYPESAFE_BY_RCU cache: the memory stays an nf_conn (or
- * becomes unreadable, which reads as zeros), so reading it is safe; a freed
- * entry has use 0, a reused one another tuple or zone. An entry whose
- * timeout has passed is CTI_EXPIRED: conntrack's gc frees it when it comes
- * by (seconds later under churn), every lookup and dump already treats it
- * as gone. Records from walks (ct 0) are kept. */
-static __always_inline int cti_entry_alive(const struct cti_record *r)
+/* What the index needs of an entry besides its tuple */
+struct ct_state {
+	unsigned long status;
+	__u32 timeout;   /* jiffies, 32 bits */
+	int use;         /* ct_general.use: 0 once the entry is freed */
+	__u32 fp;        /* tuple_fp() of its original tuple */
+	__u16 zone;
+	__u8 dir;        /* ct->zone.dir as it is (0: both) */
+};
+
+#define FP_MIX(h, w) (((h) ^ (__u32)(w)) * 0x9e3779b1u)
+
+/* A fingerprint of a tuple as read_entry reads it (dport: the raw dst.u):
+ * the hook stores it with the entry's address; when the address holds
+ * another connection's entry later (freed and reused), the fingerprints
+ * differ (but for 1 in 2^32, which leaves a duplicate record of the zone's
+ * own entry). */
+static __always_inline __u32 tuple_fp(const struct cti_record *r)
 {
-	struct ct_view v = {};
+	__u32 h = FP_MIX(0x7f4a7c15u, r->family | r->proto << 8);
+
+	h = FP_MIX(h, r->sport | (__u32)r->dport << 16);
+	h = FP_MIX(h, r->saddr[0]);
+	h = FP_MIX(h, r->saddr[1]);
+	h = FP_MIX(h, r->saddr[2]);
+	h = FP_MIX(h, r->saddr[3]);
+	h = FP_MIX(h, r->daddr[0]);
+	h = FP_MIX(h, r->daddr[1]);
+	h = FP_MIX(h, r->daddr[2]);
+	h = FP_MIX(h, r->daddr[3]);
+	return h ^ (h >> 15);
+}
+
+/* Read the nf_conn at addr: its original tuple into r (dport: the raw
+ * dst.u, for ICMP its type and code), the rest into e. Conntrack entries
+ * come from a SLAB_TYPESAFE_BY_RCU cache: the memory stays an nf_conn (or
+ * becomes unreadable, which reads as zeros), so reading it is safe. Read
+ * straight into the record (the reaper's stack has no room for a copy). */
+static __always_inline void read_entry(unsigned long addr, struct cti_record *r,
+				       struct ct_state *e)
+{
+	if (nf_conn_btf_id) {
+		const struct nf_conn *ct = ct_plain(addr);
+		const struct nf_conntrack_tuple *t = &ct->tuplehash[0].tuple;
+
+		e->status = ct->status;
+		e->use = ct->ct_general.use.refs.counter;
+		e->timeout = ct->timeout;
+		if (bpf_core_field_exists(ct->zone)) {
+			e->zone = ct->zone.id;
+			e->dir = ct->zone.dir;
+		}
+		__builtin_memcpy(r->saddr, &t->src.u3, sizeof(r->saddr));
+		__builtin_memcpy(r->daddr, &t->dst.u3, sizeof(r->daddr));
+		r->sport = t->src.u.all;
+		r->dport = t->dst.u.all;
+		r->family = t->src.l3num;
+		r->proto = t->dst.protonum;
+	} else {
+		/* CO-RE probe reads (~40 ns each); what cannot be read is zeroed */
+		struct nf_conn *ct = (struct nf_conn *)addr;
+		struct nf_conntrack_tuple *t = &ct->tuplehash[0].tuple;
+
+		bpf_core_read(&e->status, sizeof(e->status), &ct->status);
+		bpf_core_read(&e->use, sizeof(e->use), &ct->ct_general.use.refs.counter);
+		bpf_core_read(&e->timeout, sizeof(e->timeout), &ct->timeout);
+		if (bpf_core_field_exists(ct->zone)) {
+			bpf_core_read(&e->zone, sizeof(e->zone), &ct->zone.id);
+			bpf_core_read(&e->dir, sizeof(e->dir), &ct->zone.dir);
+		}
+		bpf_core_read(r->saddr, sizeof(r->saddr), &t->src.u3);
+		bpf_core_read(r->daddr, sizeof(r->daddr), &t->dst.u3);
+		bpf_core_read(&r->sport, sizeof(r->sport), &t->src.u.all);
+		bpf_core_read(&r->dport, sizeof(r->dport), &t->dst.u.all);
+		bpf_core_read(&r->family, sizeof(r->family), &t->src.l3num);
+		bpf_core_read(&r->proto, sizeof(r->proto), &t->dst.protonum);
+	}
+	e->fp = tuple_fp(r);
+}
+
+/* A hook record of zone's, with its fingerprint fp: read its entry, and
+ * complete the record from it (its original tuple, zone and direction;
+ * ICMP: type and code, no dport). A freed entry has use 0: CTI_GONE, as is
+ * one not (yet) confirmed, or another connection's (the memory was reused:
+ * another fingerprint, or another zone). An entry whose timeout has passed
+ * is CTI_EXPIRED: conntrack's gc frees it when it comes by (seconds later
+ * under churn), every lookup and dump already treats it as gone. Records
+ * from walks (ct 0) are kept, as they are. */
+static __always_inline int resolve_record(struct cti_record *r, __u32 zone, __u32 fp)
+{
+	struct ct_state e = {};
 
 	if (!r->ct)
 		return CTI_ALIVE;
-	read_ct(r->ct, &v);
-	if (!(v.use > 0 && (v.status & IPS_CONFIRMED) &&
-	      !record_differs(r, v.zone, v.zone_dir, &v.t)))
+	read_entry(r->ct, r, &e);
+	if (!(e.use > 0 && (e.status & IPS_CONFIRMED) && e.zone == zone && e.fp == fp))
 		return CTI_GONE;
+	r->zone = e.zone;
+	r->zone_dir = zone_dir_of(e.dir);
+	/* ICMP: dst.u is { u8 type, code } */
+	if (r->proto == IPPROTO_ICMP || r->proto == IPPROTO_ICMPV6) {
+		r->icmp_type = ((__u8 *)&r->dport)[0];
+		r->icmp_code = ((__u8 *)&r->dport)[1];
+		r->dport = 0;
+	} else {
+		r->icmp_type = 0;
+		r->icmp_code = 0;
+	}
 	/* nf_ct_is_expired() */
-	return (__s32)(v.timeout - (__u32)bpf_jiffies64()) <= 0 ? CTI_EXPIRED : CTI_ALIVE;
+	return (__s32)(e.timeout - (__u32)bpf_jiffies64()) <= 0 ? CTI_EXPIRED : CTI_ALIVE;
 }
 
 struct prune_ctx {
@@ -531,14 +586,15 @@ static long prune_step(__u64 i, void *data)
 	struct cti_zone *zm = p->zm;
 	struct cti_record r;
 	__u64 t, nslot;
+	__u32 fp = 0;
 	int alive;
 
 	t = zm->tail;
 	if (zm->busy || zm->head - t <= CTI_PRUNE_MIN_WINDOW)
 		return 1;
-	if (rec_lookup(p->zone, t, &r))
+	if (rec_lookup(p->zone, t, &r, &fp))
 		return 1;   /* a hole or an insert in flight: leave it to a pass */
-	alive = cti_entry_alive(&r);
+	alive = resolve_record(&r, p->zone, fp);
 	if (alive != CTI_ALIVE) {
 		if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t)
 			return 1;
@@ -561,7 +617,7 @@ static long prune_step(__u64 i, void *data)
 	 * of long-lived connections is not cycled through on every look) */
 	r.ts_sec = p->now;
 	nslot = __sync_fetch_and_add(&zm->head, 1);
-	if (rec_insert(p->zone, nslot, &r)) {
+	if (rec_insert(p->zone, nslot, &r, fp)) {
 		__sync_fetch_and_add(&zm->done, 1);   /* a hole at nslot */
 		return 1;
 	}
@@ -639,34 +695,21 @@ static int sweep(void *map, __u32 *key, struct cti_sweeper *sw)
 static __noinline int record_new(unsigned long ct, __u32 hook, struct cti_stats *st,
 				 __u32 *zone_out, __u32 *now_out)
 {
-	struct ct_view v = {};
-	struct nf_conntrack_tuple *t = &v.t;
 	struct cti_record rec = {};
+	struct ct_state e = {};
 	struct cti_zone *zm;
 	long long slot;
 	__u32 zone;
 
 	if (!st)
 		return -1;
-	read_ct(ct, &v);
-	if (v.use <= 0) {
+	/* the record is the entry's address and its tuple's fingerprint */
+	read_entry(ct, &rec, &e);
+	if (e.use <= 0) {
 		st->read_err++;   /* read as freed: not an entry being made */
 		return -1;
 	}
-	zone = v.zone;
-	rec.proto = t->dst.protonum;
-	__builtin_memcpy(rec.saddr, &t->src.u3, sizeof(rec.saddr));
-	__builtin_memcpy(rec.daddr, &t->dst.u3, sizeof(rec.daddr));
-	rec.sport = t->src.u.all;
-	if (rec.proto == IPPROTO_ICMP || rec.proto == IPPROTO_ICMPV6) {
-		rec.icmp_type = t->dst.u.icmp.type;
-		rec.icmp_code = t->dst.u.icmp.code;
-	} else {
-		rec.dport = t->dst.u.all;
-	}
-	rec.family = t->src.l3num;
-	rec.zone = zone;
-	rec.zone_dir = v.zone_dir;
+	zone = e.zone;
 	rec.hook = hook;
 	rec.ts_sec = bpf_ktime_get_ns() / 1000000000ULL;
 	rec.ct = ct;
@@ -674,7 +717,7 @@ static __noinline int record_new(unsigned long ct, __u32 hook, struct cti_stats 
 	zm = bpf_map_lookup_elem(&cti_zones, &zone);
 	if (!zm)
 		return -1;
-	slot = cti_append(zm, zone, &rec);
+	slot = cti_append(zm, zone, &rec, e.fp);
 	if (slot < 0) {
 		st->failed++;
 		return -1;
@@ -842,11 +885,12 @@ static long reap_one(__u64 idx, void *data)
 	struct nf_conn *ct;
 	__u64 nslot;
 	int act = ACT_KEEP, err;
+	__u32 fp = 0;
 
 	if (c->pos >= c->end)
 		return 1;
 	c->visited++;
-	if (rec_lookup(c->zone, c->pos, &r)) {
+	if (rec_lookup(c->zone, c->pos, &r, &fp)) {
 		/* a hole: pruned record or failed insert, or an insert in flight */
 		c->holes++;
 		if (!c->resolved)
@@ -854,6 +898,11 @@ static long reap_one(__u64 idx, void *data)
 		goto next;
 	}
 
+	if (resolve_record(&r, c->zone, fp) == CTI_GONE) {
+		c->gone++;
+		act = ACT_REMOVE;
+		goto keep;
+	}
 	if (c->op == CTI_OP_REAP && !filter_match(&r, &c->f)) {
 		c->kept++;
 		goto keep;
@@ -916,7 +965,7 @@ keep:
 	}
 	/* survivor: move it to a fresh slot at the head to keep the zone compact */
 	nslot = __sync_fetch_and_add(&c->zm->head, 1);
-	if (rec_insert(c->zone, nslot, &r) == 0)
+	if (rec_insert(c->zone, nslot, &r, fp) == 0)
 		rec_delete(c->zone, c->pos);
 	else
 		c->stuck = 1; /* map full: leave it in place */
@@ -949,10 +998,11 @@ static __noinline __u64 add_records(struct xdp_md *ctx, struct cti_zone *zm, __u
 			break;
 		if (rec.zone != zone)
 			continue;
+		rec.ct = 0;   /* a walk's record: its tuple is kept */
 		if (!(rec.zone_dir & CTI_ZONE_DIR_BOTH))
 			rec.zone_dir = CTI_ZONE_DIR_BOTH;
 		rec.ts_sec = now;
-		if (cti_append(zm, zone, &rec) < 0)
+		if (cti_append(zm, zone, &rec, 0) < 0)
 			lost++;
 		else
 			added++;
@@ -961,6 +1011,57 @@ static __noinline __u64 add_records(struct xdp_md *ctx, struct cti_zone *zm, __u
 	if (st)
 		st->seeded += added;
 	return (__u64)i << 32 | lost;
+}
+
+/* CTI_OP_LIST: the zone's records from slot pos up to end, each with its
+ * slot, written behind the request. A hook record is completed from its
+ * entry; one whose entry is gone (CTI_GONE) is not listed: a prune drops it. */
+struct list_ctx {
+	struct xdp_md *xdp;
+	__u64 pos, end;
+	__u32 zone, out, max;
+};
+
+static long list_one(__u64 i, void *data)
+{
+	struct list_ctx *l = data;
+	struct cti_listed item = {};
+	__u32 fp = 0;
+
+	if (l->pos >= l->end || l->out >= l->max || l->out >= CTI_LIST_MAX)
+		return 1;
+	if (!rec_lookup(l->zone, l->pos, &item.rec, &fp) &&
+	    resolve_record(&item.rec, l->zone, fp) != CTI_GONE) {
+		item.slot = l->pos;
+		if (bpf_xdp_store_bytes(l->xdp, sizeof(struct cti_reap_args) +
+					l->out * sizeof(item), &item, sizeof(item)))
+			return 1;
+		l->out++;
+	}
+	l->pos++;
+	return 0;
+}
+
+static __always_inline int list_records(struct xdp_md *ctx, struct cti_zone *zm, __u32 zone,
+				   __u64 from, __u64 end, __u32 max)
+{
+	struct list_ctx l = { .xdp = ctx, .zone = zone, .end = end, .max = max };
+	struct cti_reap_args *a;
+	__u64 tail;
+
+	if (!zm)
+		return XDP_ABORTED;
+	tail = zm->tail;
+	l.pos = from > tail ? from : tail;
+	bpf_loop(CTI_MAX_BATCH, list_one, &l, 0);
+	a = (void *)(long)ctx->data;
+	if ((void *)(a + 1) > (void *)(long)ctx->data_end)
+		return XDP_ABORTED;
+	a->visited = l.out;
+	a->tail = l.pos;
+	a->head = zm->head;
+	a->status = 0;
+	return XDP_PASS;
 }
 
 /* The reply of a request that read its payload with bpf_xdp_load_bytes:
@@ -1014,6 +1115,8 @@ int cti_reap(struct xdp_md *ctx)
 
 		return reply_done(ctx, res >> 32, (__u32)res);
 	}
+	if (c.op == CTI_OP_LIST)
+		return list_records(ctx, c.zm, c.zone, a->tail, a->end, a->budget);
 	if (c.op == CTI_OP_DROP) {
 		struct cti_stats *st;
 		__u32 i, n = a->budget, zero = 0;

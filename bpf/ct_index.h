@@ -18,10 +18,15 @@
 /* Default capacity of the record map (records, all zones). */
 #define CTI_DEFAULT_MAX_RECORDS 262144
 /* Records live in chunks of CTI_CHUNK_SLOTS consecutive slots of one zone:
- * one hash element (2 KiB with its header) per 31 records, so storing a
+ * one hash element (2 KiB with its header) per 70 records, so storing a
  * record is a lookup and a copy, and a hash insert only once per chunk.
- * Chunk key = (zone << CTI_SLOT_BITS) | (slot / CTI_CHUNK_SLOTS). */
-#define CTI_CHUNK_SLOTS 31
+ * Chunk key = (zone << CTI_SLOT_BITS) | (slot / CTI_CHUNK_SLOTS). A slot
+ * made by the hook holds the entry's address, not its tuple (read from the
+ * entry when needed); a walk's record keeps its tuple in cti_tuples, in
+ * chunks of CTI_TUPLE_SLOTS keyed the same way (slot / CTI_TUPLE_SLOTS):
+ * two of them per chunk of slots, freed with it. */
+#define CTI_CHUNK_SLOTS 70
+#define CTI_TUPLE_SLOTS 35
 #define CTI_SLOT_BITS 48
 #define CTI_SLOT_MASK 0xffffffffffff
 /* Upper bound of records visited by one BPF_PROG_TEST_RUN of the reaper. */
@@ -48,10 +53,17 @@
 #define CTI_OP_DROP 5        /* delete the .budget slots (u64) that follow the
                               args (entries deleted by other means) */
 #define CTI_OP_SWEEP 6       /* start the sweeper (CTI_SWEEP_*) unless it runs */
+#define CTI_OP_LIST 7        /* list the zone's records from slot .tail up to
+                              .end: at most .budget (<= CTI_LIST_MAX) struct
+                              cti_listed behind the args; .visited = how
+                              many, .tail = the slot to go on from */
 /* Records one CTI_OP_ADD run carries after struct cti_reap_args. */
 #define CTI_ADD_MAX 64
 /* Slots one CTI_OP_DROP run carries after struct cti_reap_args. */
 #define CTI_DROP_MAX 64
+/* Records one CTI_OP_LIST run returns: a test run's packet is at most a
+ * page, less the XDP head and tail room. */
+#define CTI_LIST_MAX 48
 
 /* NF_CT_ZONE_DIR_* (ct->zone.dir): a zone applies to the original direction,
  * the reply direction, or both (the default). */
@@ -71,7 +83,8 @@
 #define CTI_F_DPORT 32
 #define CTI_F_ADDR 64  /* src or dst inside addr/addr_mask */
 
-/* One recorded conntrack entry: its original-direction tuple. 56 bytes. */
+/* One recorded conntrack entry: its original-direction tuple, as a walk
+ * hands it in and a listing (CTI_OP_LIST) hands it out. 56 bytes. */
 struct cti_record {
 	unsigned int saddr[4];     /* IPv4 uses saddr[0] */
 	unsigned int daddr[4];
@@ -86,20 +99,35 @@ struct cti_record {
 	unsigned char hook;        /* NF_INET_* hook that saw the entry */
 	unsigned int ts_sec;       /* bpf_ktime_get_ns() / 1e9 at record time */
 	unsigned long long ct;     /* the nf_conn's address (hook records; 0 from a
-	                              walk): lets the hook prune records of freed
-	                              entries without a lookup */
+	                              walk) */
 };
 
-/* One slot of a chunk: a record, published once seq == its key + 1 (zone <<
- * CTI_SLOT_BITS | slot, + 1: unique, also if a freed chunk's memory is
- * reused at once, as a preallocated map does); 0 when empty (never written,
- * or its record deleted: slots are never reused). */
+/* One slot of a chunk, 24 bytes: a record, published once seq == its key + 1
+ * (zone << CTI_SLOT_BITS | slot, + 1: unique, also if a freed chunk's memory
+ * is reused at once, as a preallocated map does); 0 when empty (never
+ * written, or its record deleted: slots are never reused). The hook stores
+ * the entry's address and a fingerprint of its tuple (the tuple is read
+ * from the entry when needed; the fingerprint tells whether the memory now
+ * holds another entry): 24 bytes of fresh memory per new connection, not
+ * 64. A walk's record has ct 0 and its tuple in cti_tuples. */
 struct cti_slot {
-	struct cti_record rec;
+	unsigned long long ct;     /* the nf_conn's address, or 0 (a walk's) */
 	unsigned long long seq;
+	unsigned int ts_sec;       /* made or last moved (bpf_ktime seconds) */
+	unsigned int fp;           /* the entry's tuple's fingerprint (tuple_fp) */
 };
 struct cti_chunk {
 	struct cti_slot s[CTI_CHUNK_SLOTS];
+};
+/* The tuples of a walk's records: slot n's in chunk n / CTI_TUPLE_SLOTS at
+ * n % CTI_TUPLE_SLOTS, valid while slot n is published. */
+struct cti_tuple_chunk {
+	struct cti_record r[CTI_TUPLE_SLOTS];
+};
+/* One record of a listing (CTI_OP_LIST) and its slot. */
+struct cti_listed {
+	unsigned long long slot;
+	struct cti_record rec;
 };
 
 /* Per-zone bookkeeping, BPF array indexed by zone id. 72 bytes. */
@@ -129,6 +157,8 @@ struct cti_stats {
 	unsigned long long read_err;  /* a new entry read as freed (use 0) */
 	unsigned long long seeded;    /* records stored by CTI_OP_ADD (walks) */
 	unsigned long long removed;   /* records deleted (reaper, prune, drop) */
+	unsigned long long tuple_chunks; /* chunks of cti_tuples made less those
+	                                    freed (per CPU: only the sum counts) */
 };
 
 /* Index-wide facts kept with the maps (array of 1, written by userspace). */
@@ -140,7 +170,7 @@ struct cti_meta {
 	unsigned long long attached_ns;  /* nsfs inode of that netns */
 	unsigned long long version;      /* layout version (CTI_META_VERSION) */
 };
-#define CTI_META_VERSION 3
+#define CTI_META_VERSION 4
 
 struct cti_filter {
 	unsigned int flags;        /* CTI_F_* */

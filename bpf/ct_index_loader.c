@@ -59,7 +59,8 @@ struct cti {
 	struct ct_index *skel;	/* NULL when opened from the pins (cti_open) */
 	int netns_fd;
 	/* the maps and the reaper: the skeleton's, or from the pins (owned) */
-	int fd_records, fd_zones, fd_stats, fd_meta, fd_expired, fd_empty, fd_sweeper, fd_reap;
+	int fd_records, fd_zones, fd_stats, fd_meta, fd_expired, fd_empty, fd_sweeper, fd_tuples,
+	    fd_reap;
 	int own_fds;
 	long long max_records;
 	int preallocated;	/* the record map has no BPF_F_NO_PREALLOC */
@@ -67,8 +68,9 @@ struct cti {
 };
 
 static const char *const cti_map_pins[] = { "cti_records", "cti_zones", "cti_stats", "cti_meta",
-					     "cti_expired", "cti_empty_chunk", "cti_sweeper" };
-#define CTI_NMAPS 7
+					     "cti_expired", "cti_empty_chunk", "cti_sweeper",
+					     "cti_tuples" };
+#define CTI_NMAPS 8
 /* the reaper is pinned as REAP_PIN_PREFIX<digest of this BPF object>: a pin
  * made by another build of the object is never run against these maps */
 #define REAP_PIN_PREFIX "prog_reap_"
@@ -177,7 +179,7 @@ int cti_check_dir(const char *dir)
 static int *map_fd_slot(struct cti *c, int i)
 {
 	int *slots[CTI_NMAPS] = { &c->fd_records, &c->fd_zones, &c->fd_stats, &c->fd_meta,
-				  &c->fd_expired, &c->fd_empty, &c->fd_sweeper };
+				  &c->fd_expired, &c->fd_empty, &c->fd_sweeper, &c->fd_tuples };
 
 	return slots[i];
 }
@@ -204,23 +206,33 @@ static int reap_pin_path(const struct cti *c, char *buf, size_t len)
 /* Chunks of the record map for max_records records. A zone's records fill
  * chunks of its own, so a zone in use also holds one or two partly used
  * chunks (its window's ends): the records' full chunks, plus two for each
- * of as many zones as there are full chunks (all zones from ~2M records).
- * The record map only holds what is used (unless preallocated): this is
- * its bound. */
-static __u32 chunks_for(unsigned int max_records)
+ * zone in use, for as many zones as there are CTI_RECORDS_PER_ZONE records
+ * (all 65,536 zones from ~1.3M records). The record map only holds what is
+ * used (unless preallocated): this is its bound. */
+#define CTI_RECORDS_PER_ZONE 20
+static __u64 chunks_for(__u64 max_records)
 {
-	__u64 full = ((__u64)max_records + CTI_CHUNK_SLOTS - 1) / CTI_CHUNK_SLOTS;
+	__u64 full = (max_records + CTI_CHUNK_SLOTS - 1) / CTI_CHUNK_SLOTS;
+	__u64 zones = (max_records + CTI_RECORDS_PER_ZONE - 1) / CTI_RECORDS_PER_ZONE;
 
-	return (__u32)(full + 2 * (full < CTI_MAX_ZONES ? full : CTI_MAX_ZONES));
+	return full + 2 * (zones < CTI_MAX_ZONES ? zones : CTI_MAX_ZONES);
 }
 
-/* The records a record map of this many chunks is sized for (chunks_for's
- * inverse) */
+/* The records a record map of this many chunks is sized for: the most
+ * records chunks_for() fits in them (chunks_for rises with records) */
 static long long records_for(__u32 chunks)
 {
-	__u64 full = chunks <= 3ULL * CTI_MAX_ZONES ? chunks / 3 : chunks - 2ULL * CTI_MAX_ZONES;
+	__u64 lo = 0, hi = (__u64)chunks * CTI_CHUNK_SLOTS;
 
-	return (long long)full * CTI_CHUNK_SLOTS;
+	while (lo < hi) {
+		__u64 mid = (lo + hi + 1) / 2;
+
+		if (chunks_for(mid) <= chunks)
+			lo = mid;
+		else
+			hi = mid - 1;
+	}
+	return (long long)lo;
 }
 
 /* Was the pinned record map (max_entries chunks) made with another size
@@ -230,6 +242,18 @@ static int other_layout(__u32 max_entries, __u32 map_flags, unsigned int max_rec
 {
 	return (max_records && max_entries != chunks_for(max_records)) ||
 	       ((flags & CTI_OPEN_PREALLOC) && (map_flags & BPF_F_NO_PREALLOC));
+}
+
+/* Size the record map for this many chunks of slots, and the tuple map for
+ * their tuples (two tuple chunks per chunk of slots: every record a walk's) */
+static int set_chunks(struct cti *c, __u32 chunks)
+{
+	int err = bpf_map__set_max_entries(c->skel->maps.cti_records, chunks);
+
+	if (!err)
+		err = bpf_map__set_max_entries(c->skel->maps.cti_tuples,
+			chunks * (CTI_CHUNK_SLOTS / CTI_TUPLE_SLOTS));
+	return err;
 }
 
 /* Is map id read-only to BPF programs (an object's constants, .rodata)? */
@@ -256,7 +280,7 @@ static int open_pinned(struct cti *c, unsigned int max_records, unsigned int fla
 {
 	struct bpf_prog_info pinfo;
 	struct bpf_map_info minfo;
-	__u32 prog_maps[8], ids[CTI_NMAPS], len, chunks = 0, records_flags = 0;
+	__u32 prog_maps[16], ids[CTI_NMAPS], len, chunks = 0, records_flags = 0;
 	char path[PATH_MAX];
 	unsigned int i, j, mask;
 	int err;
@@ -330,7 +354,7 @@ static void close_fds(struct cti *c)
 	}
 	c->own_fds = 0;
 	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = -1;
-	c->fd_empty = c->fd_sweeper = c->fd_reap = -1;
+	c->fd_empty = c->fd_sweeper = c->fd_tuples = c->fd_reap = -1;
 }
 
 /* Remove reaper pins of other builds (after an upgrade) and pin ours. */
@@ -394,7 +418,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 		return -ENOMEM;
 	c->netns_fd = -1;
 	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = -1;
-	c->fd_empty = c->fd_sweeper = c->fd_reap = -1;
+	c->fd_empty = c->fd_sweeper = c->fd_tuples = c->fd_reap = -1;
 	strcpy(c->dir, pin_dir);
 	if (mkdir(c->dir, 0700) && errno != EEXIST) {
 		err = -errno;
@@ -428,8 +452,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 		err = bpf_program__set_expected_attach_type(
 			c->skel->progs.cti_record, CTI_ATTACH_NETFILTER);
 	if (!err)   /* a pinned map's own size wins below */
-		err = bpf_map__set_max_entries(c->skel->maps.cti_records,
-			chunks_for(max_records ? max_records : CTI_DEFAULT_MAX_RECORDS));
+		err = set_chunks(c, chunks_for(max_records ? max_records : CTI_DEFAULT_MAX_RECORDS));
 	if (!err && (flags & CTI_OPEN_PREALLOC))
 		err = bpf_map__set_map_flags(c->skel->maps.cti_records,
 			bpf_map__map_flags(c->skel->maps.cti_records) & ~BPF_F_NO_PREALLOC);
@@ -464,8 +487,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 						 flags))
 				err = -ERANGE; /* attached with another size or layout */
 			else if (!err)
-				err = bpf_map__set_max_entries(
-					c->skel->maps.cti_records, info.max_entries);
+				err = set_chunks(c, info.max_entries);
 			if (!err)
 				err = bpf_map__set_map_flags(c->skel->maps.cti_records,
 							     info.map_flags);
@@ -484,6 +506,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	c->fd_expired = bpf_map__fd(c->skel->maps.cti_expired);
 	c->fd_empty = bpf_map__fd(c->skel->maps.cti_empty_chunk);
 	c->fd_sweeper = bpf_map__fd(c->skel->maps.cti_sweeper);
+	c->fd_tuples = bpf_map__fd(c->skel->maps.cti_tuples);
 	c->fd_reap = bpf_program__fd(c->skel->progs.cti_reap);
 	c->max_records = records_for(bpf_map__max_entries(c->skel->maps.cti_records));
 	c->preallocated = !(bpf_map__map_flags(c->skel->maps.cti_records) & BPF_F_NO_PREALLOC);
@@ -806,53 +829,40 @@ long long cti_add_records(struct cti *c, unsigned int zone,
 	return run_batches(c, CTI_OP_ADD, zone, recs, n, sizeof(*recs), CTI_ADD_MAX);
 }
 
-/* the BPF side's cti_key(): a chunk's key, or a slot's published seq - 1 */
-static __u64 slot_key(unsigned int zone, unsigned long long n)
-{
-	return ((__u64)zone << CTI_SLOT_BITS) | (n & CTI_SLOT_MASK);
-}
-
-/* One read of a zone's window (see cti_zone_records_at) */
+/* One read of a zone's window (see cti_zone_records_at): the reaper lists
+ * it (CTI_OP_LIST), CTI_LIST_MAX records a run; a hook record holds its
+ * entry's address, and only the kernel can read the tuple there. */
 static int read_zone_records(struct cti *c, unsigned int zone, const struct cti_zone *zs,
 			     struct cti_record *buf, unsigned long long *slots, unsigned int n)
 {
-	static __thread struct cti_chunk chunk_buf[2];
-	unsigned long long slot;
-	unsigned int cnt = 0;
-	int fd;
+	struct {
+		struct cti_reap_args a;
+		struct cti_listed items[CTI_LIST_MAX];
+	} req;
+	unsigned long long pos = zs->tail;
+	unsigned int cnt = 0, i;
+	int err;
 
-	fd = c->fd_records;
-	/* a slot holds its record once seq == its key + 1 */
-	for (slot = zs->tail; slot < zs->head && cnt < n;) {
-		unsigned long long chunk = slot / CTI_CHUNK_SLOTS;
-		unsigned long long end = (chunk + 1) * CTI_CHUNK_SLOTS;
-		__u64 key = slot_key(zone, chunk);
-
-		if (end > zs->head)
-			end = zs->head;
-		/* Records are written in place, then published: a copy of the
-		 * chunk made while one is written may show it published with the
-		 * record only half copied. A second copy, made after the first
-		 * showed it published, holds it whole (it is never rewritten). */
-		if (bpf_map_lookup_elem(fd, &key, &chunk_buf[0]) ||
-		    bpf_map_lookup_elem(fd, &key, &chunk_buf[1])) {
-			if (errno != ENOENT)
-				return -errno;
-			slot = end;   /* no chunk (or freed meanwhile): holes */
-			continue;
-		}
-		for (; slot < end && cnt < n; slot++) {
-			const struct cti_slot *seen = &chunk_buf[0].s[slot % CTI_CHUNK_SLOTS];
-			const struct cti_slot *sl = &chunk_buf[1].s[slot % CTI_CHUNK_SLOTS];
-			__u64 want = slot_key(zone, slot) + 1;
-
-			if (seen->seq != want || sl->seq != want)
-				continue;   /* not yet published, or deleted meanwhile */
-			buf[cnt] = sl->rec;
+	while (pos < zs->head && cnt < n) {
+		memset(&req.a, 0, sizeof(req.a));
+		req.a.op = CTI_OP_LIST;
+		req.a.zone = zone;
+		req.a.tail = pos;
+		req.a.end = zs->head;
+		req.a.budget = n - cnt < CTI_LIST_MAX ? n - cnt : CTI_LIST_MAX;
+		err = run_reaper(c, &req, sizeof(req));
+		if (err)
+			return err;
+		if (req.a.visited > req.a.budget)
+			return -EIO;
+		for (i = 0; i < req.a.visited; i++, cnt++) {
+			buf[cnt] = req.items[i].rec;
 			if (slots)
-				slots[cnt] = slot;
-			cnt++;
+				slots[cnt] = req.items[i].slot;
 		}
+		if (req.a.tail <= pos)
+			break;   /* no progress: the zone was cleaned up to here */
+		pos = req.a.tail;
 	}
 	return (int)cnt;
 }
@@ -971,6 +981,7 @@ int cti_stats(struct cti *c, struct cti_stats *out)
 		out->read_err += v[i].read_err;
 		out->seeded += v[i].seeded;
 		out->removed += v[i].removed;
+		out->tuple_chunks += v[i].tuple_chunks;
 	}
 cleanup:
 	free(v);

@@ -21,6 +21,9 @@ K_FAMILY = lib.PCT_K_FAMILY
 # the index's record map: chunks of this many slots, each this big
 CHUNK_SLOTS = lib.CTI_CHUNK_SLOTS
 CHUNK_BYTES = ffi.sizeof("struct cti_chunk")
+# the tuples of records a walk added: chunks of this many, each this big
+TUPLE_SLOTS = lib.CTI_TUPLE_SLOTS
+TUPLE_CHUNK_BYTES = ffi.sizeof("struct cti_tuple_chunk")
 META_VERSION = lib.CTI_META_VERSION
 # where the index's hook is linked: (protocol family, netfilter hook), priority
 INDEX_HOOKS = [(pf, hook) for pf in (lib.CTI_NFPROTO_IPV4, lib.CTI_NFPROTO_IPV6)
@@ -362,7 +365,7 @@ class IndexHandle(_Owned):
         s = ffi.new("struct cti_stats *")
         check(lib.cti_stats(self.raw, s), "cti_stats")
         return {k: getattr(s, k) for k in ("seen", "no_ct", "confirmed", "recorded", "failed",
-                                           "read_err", "seeded", "removed")}
+                                           "read_err", "seeded", "removed", "tuple_chunks")}
 
     def meta(self) -> dict:
         m = ffi.new("struct cti_meta *")

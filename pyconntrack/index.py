@@ -47,15 +47,23 @@ REAPER_PIN_PREFIX = "prog_reap_"
 DEFAULT_MAX_RECORDS = 262144
 MAX_ZONES = 65536
 # Records live in chunks of CHUNK_SLOTS consecutive slots of a zone: one hash
-# element of 2,040 B (the 48 B element header, the key, 31 slots of 64 B)
+# element of 1,736 B (the 48 B element header, the key, 70 slots of 24 B)
 # per chunk, served from the 2 KiB size class when allocated as recorded,
 # plus 16 B per hash bucket (buckets = the map's chunks rounded up to a power
 # of two), plus the 4.5 MiB per-zone table (72 B per zone). The map has room
 # for the partly used chunks of the zones in use too (chunks_for); a
-# preallocated map (--preallocate) holds every chunk from the start.
+# preallocated map (--preallocate) holds every chunk from the start. A
+# record made by the hook is its entry's address; one a walk added (attach,
+# resync) keeps its tuple in a second map, TUPLE_SLOTS to a 2 KiB element,
+# made as walks add records (never preallocated), with twice the buckets.
 CHUNK_SLOTS = ll.CHUNK_SLOTS
+TUPLE_SLOTS = ll.TUPLE_SLOTS
 BYTES_PER_PREALLOCATED_CHUNK = 48 + 8 + ll.CHUNK_BYTES
 BYTES_PER_CHUNK = 1 << (BYTES_PER_PREALLOCATED_CHUNK - 1).bit_length()   # its size class
+BYTES_PER_TUPLE_CHUNK = 1 << (48 + 8 + ll.TUPLE_CHUNK_BYTES - 1).bit_length()
+# the record map makes room for two partly used chunks in each of as many
+# zones as there are this many records (chunks_for in bpf/ct_index_loader.c)
+RECORDS_PER_ZONE = 20
 # what attaching again with another size or kind of record map says
 OTHER_LAYOUT = ("the index of this namespace is attached with another --max-records "
                 "or without --preallocate; detach it first to change them")
@@ -245,21 +253,36 @@ def chunks_for(max_records: int) -> int:
     """Chunks of the record map for max_records records (chunks_for in
     bpf/ct_index_loader.c): a zone's records fill chunks of their own, so a
     zone in use also holds one or two partly used chunks; the records' full
-    chunks, plus two for each of as many zones as there are full chunks."""
-    full = _full_chunks(max_records)
-    return full + 2 * min(full, MAX_ZONES)
+    chunks, plus two for each of as many zones as there are RECORDS_PER_ZONE
+    records."""
+    zones = -(-max_records // RECORDS_PER_ZONE)
+    return _full_chunks(max_records) + 2 * min(zones, MAX_ZONES)
 
 
 def capacity(max_records: int) -> int:
-    """Records an index asked for max_records holds, however they are spread
-    over zones: whole chunks."""
-    return _full_chunks(max_records) * CHUNK_SLOTS
+    """Records an index asked for max_records is sized for (records_for in
+    bpf/ct_index_loader.c): the most records chunks_for() fits in its
+    chunks, spread over zones of RECORDS_PER_ZONE records or more."""
+    chunks = chunks_for(max_records)
+    lo, hi = 0, chunks * CHUNK_SLOTS
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if chunks_for(mid) <= chunks:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _buckets(elements: int) -> int:
+    return 1 << max(0, (elements - 1).bit_length()) if elements else 0
 
 
 def _bucket_bytes(max_records: int) -> int:
-    """The record map's hash buckets: its chunks rounded up to a power of two."""
+    """The hash buckets of the record map (its chunks rounded up to a power
+    of two) and of the tuple map (twice as many chunks)."""
     chunks = chunks_for(max_records)
-    return (1 << max(0, (chunks - 1).bit_length()) if chunks else 0) * BYTES_PER_BUCKET
+    return (_buckets(chunks) + _buckets(2 * chunks)) * BYTES_PER_BUCKET
 
 
 def preallocation_bytes(max_records: int) -> int:
@@ -623,6 +646,12 @@ class ZoneIndex:
             fixed = _bucket_bytes(max_records) + ZONE_TABLE_BYTES
             memory = min(chunks, chunks_for(max_records)) * BYTES_PER_CHUNK + fixed
             memory_max = chunks_for(max_records) * BYTES_PER_CHUNK + fixed
+        # the tuples of walks' records: as many chunks as the hook counts
+        hook_stats = self._ix.stats()
+        tuple_chunks = max(0, min(hook_stats["tuple_chunks"] % (1 << 64),
+                                  2 * chunks_for(max_records)))
+        memory += tuple_chunks * BYTES_PER_TUPLE_CHUNK
+        memory_max += 2 * chunks_for(max_records) * BYTES_PER_TUPLE_CHUNK
         return {
             "attached": all(os.path.exists(os.path.join(self.dir, n)) for n in LINK_PINS),
             "pin_dir": self.dir,
@@ -636,7 +665,7 @@ class ZoneIndex:
             "memory_max_bytes": memory_max,
             "bytes_per_record": round((BYTES_PER_PREALLOCATED_CHUNK if preallocated
                                        else BYTES_PER_CHUNK) / CHUNK_SLOTS),
-            "hook_stats": self._ix.stats(),
+            "hook_stats": hook_stats,
         }
 
     def audit(self, handle: "ll.Handle", max_missing: int = 1000) -> dict:

@@ -129,7 +129,7 @@ def test_traffic_continuing_during_cleanup(topo, host):
 
 
 def test_overflow_marks_zone_dirty_then_fallback_then_clean(topo, host):
-    host.attach_index(max_records=256)   # 27 chunks of 31 (index.chunks_for)
+    host.attach_index(max_records=64)   # 9 chunks of 70 (index.chunks_for)
     topo.send("udp", 4, 5, 900)
     topo.send("udp", 4, 6, 50)
     status = host.index_status()

@@ -496,44 +496,46 @@ def test_reattach_with_another_size_is_a_clear_error(topo, host):
 
 
 def test_status_counts_records_that_exist(topo, host):
-    host.attach_index(max_records=256)
+    host.attach_index(max_records=64)
     topo.send("udp", 4, 5, 900)
     status = host.index_status()
-    # records are kept in chunks of 31: 256 asked for is 9 full chunks, 279
-    # records; the map has room for 2 more per zone of 9 zones (27 chunks,
-    # 837 slots), which one zone's 900 overflow
-    assert 256 <= status["max_records"] < 256 + 31
-    assert status["max_records"] <= status["zones"][5]["records"] <= 3 * status["max_records"]
+    # records are kept in chunks of 70: 64 asked for is 1 full chunk; the map
+    # has room for 2 more per zone of 4 zones (one per 20 records): 9 chunks,
+    # 630 slots, which one zone's 900 overflow
+    assert status["max_records"] == index_mod.capacity(64) == 70
+    assert status["max_records"] <= status["zones"][5]["records"] <= 9 * 70
     assert status["records"] == status["zones"][5]["records"]
     assert 5 in status["dirty_zones"]
     assert status["memory_bytes"] > 0 and status["memory_max_bytes"] >= status["memory_bytes"]
 
 
 def test_the_record_map_has_room_for_each_zones_partly_used_chunks():
-    # 256 records: 9 full chunks of 31, and 2 more for each of 9 zones
-    assert index_mod.capacity(256) == 279 and index_mod.chunks_for(256) == 27
-    assert index_mod.capacity(279) == 279 and index_mod.capacity(280) == 310
-    # from 65,536 full chunks on, room for every zone: 2 x 65,536 more
-    full = -(-2_100_000 // 31)
-    assert index_mod.chunks_for(2_100_000) == full + 2 * 65536
-    assert index_mod.chunks_for(65536 * 31) == 3 * 65536
+    # 256 records: 4 full chunks of 70, and 2 more for each of 13 zones (one
+    # per 20 records); those 30 chunks hold 260 records so spread
+    assert index_mod.capacity(256) == 260 and index_mod.chunks_for(256) == 30
+    assert index_mod.capacity(260) == 260 and index_mod.capacity(261) == 280
+    # from 65,536 x 20 records on, room for every zone: 2 x 65,536 more
+    assert index_mod.chunks_for(2_100_000) == 30_000 + 2 * 65536
+    assert index_mod.chunks_for(65536 * 20) == 18_725 + 2 * 65536
     assert index_mod.chunks_for(0) == 0
 
 
 def test_an_index_holds_its_records_however_many_zones_they_are_spread_over(topo, host):
-    """Records live in chunks of 31 per zone, so a zone in use holds one or
+    """Records live in chunks of 70 per zone, so a zone in use holds one or
     two partly used chunks whatever its records: 300 zones of 10 entries
-    need 300 chunks or more, where 3,000 records fill 97. The map makes
-    room for that: an index sized for the records holds them all (the
-    kernel's view: conntrack-tools' count of each zone) and serves the
-    cleanups."""
+    need 300 chunks or more, where 3,000 records fill 43. The map makes
+    room for that (355 chunks for 3,100 records): an index sized for the
+    records holds them all (the kernel's view: conntrack-tools' count of
+    each zone) and serves the cleanups. They were added by attach's walk,
+    so their tuples are kept too: 300 tuple chunks."""
     zones = range(100, 400)
     for z in zones:
         host.create_many(10, zone=z, src=f"10.9.{z >> 8}.{z & 0xff}", timeout=600)
     host.attach_index(max_records=3100)
     status = host.index_status()
     assert status["dirty_zones"] == [] and status["records"] == 3000
-    assert 3100 <= status["max_records"] < 3100 + 31
+    assert status["max_records"] == index_mod.capacity(3100) == 3100
+    assert _chunks(status["pin_dir"], "cti_tuples") == 300
     assert status["memory_bytes"] <= status["memory_max_bytes"]
     for z in (100, 250, 399):
         assert len(listed(topo.host_netns, z)) == 10
@@ -543,30 +545,51 @@ def test_an_index_holds_its_records_however_many_zones_they_are_spread_over(topo
     assert len(listed(topo.host_netns, 101)) == 10
 
 
-def _chunks(pin_dir):
-    """Elements of the record map as the kernel holds them (bpftool)."""
+def _chunks(pin_dir, name="cti_records"):
+    """Elements of the record (or tuple) map as the kernel holds them (bpftool)."""
     out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned",
-                          os.path.join(pin_dir, "cti_records")],
+                          os.path.join(pin_dir, name)],
                          capture_output=True, text=True, check=True).stdout
     return len(json.loads(out))
 
 
 def test_records_live_in_chunks_freed_once_the_zone_is_cleaned(topo, host):
-    """31 records per element of the record map; a zone's chunks go when
-    its cleanup has passed them, the other zones' stay."""
+    """70 records per element of the record map; a zone's chunks go when
+    its cleanup has passed them, the other zones' stay. The hook's records
+    are their entries' addresses: no tuple is kept for them."""
     ns = topo.host_netns
     pin_dir = host.attach_index(max_records=8192).pin_dir
-    topo.send("udp", 4, 5, 310)                     # slots 0..309: 10 chunks
-    topo.send("udp", 4, 6, 31)                      # 1 chunk
-    assert _chunks(pin_dir) == 11
+    topo.send("udp", 4, 5, 350)                     # slots 0..349: 5 chunks
+    topo.send("udp", 4, 6, 70)                      # 1 chunk
+    assert _chunks(pin_dir) == 6 and _chunks(pin_dir, "cti_tuples") == 0
     res = host.delete(Filter(zone=5))
-    assert res.strategy == "index" and res.deleted == 310, res
-    assert listed(ns, 5) == [] and len(listed(ns, 6)) == 31      # conntrack-tools
+    assert res.strategy == "index" and res.deleted == 350, res
+    assert listed(ns, 5) == [] and len(listed(ns, 6)) == 70      # conntrack-tools
     assert _chunks(pin_dir) == 1
     status = host.index_status()
-    assert status["records"] == 31 and 5 not in status["zones"]
-    assert host.delete(Filter(zone=6)).deleted == 31
+    assert status["records"] == 70 and 5 not in status["zones"]
+    assert host.delete(Filter(zone=6)).deleted == 70
     assert _chunks(pin_dir) == 0 and listed(ns, 6) == []
+
+
+def test_a_walks_records_keep_their_tuples_until_the_zone_is_cleaned(topo, host):
+    """Records a walk adds (here attach's, of entries made through
+    ctnetlink) have no address the hook saw: their tuples are kept, 35 to a
+    chunk of the tuple map, and go with the zone's cleanup; the hook's
+    records in the same zone (made after attach) keep none."""
+    ns = topo.host_netns
+    host.create_many(100, zone=5, src="10.9.7.1", timeout=600)   # slots 0..99
+    pin_dir = host.attach_index(max_records=8192).pin_dir
+    assert _chunks(pin_dir, "cti_tuples") == 3                   # 35 + 35 + 30
+    assert host.index_status()["hook_stats"]["tuple_chunks"] == 3
+    topo.send("udp", 4, 5, 40)                                   # slots 100..139
+    assert _chunks(pin_dir, "cti_tuples") == 3
+    assert host.index_audit()["missing"] == 0
+    res = host.delete(Filter(zone=5))
+    assert res.strategy == "index" and res.deleted == 140, res
+    assert listed(ns, 5) == []                                   # conntrack-tools
+    assert _chunks(pin_dir, "cti_tuples") == 0 and _chunks(pin_dir) == 0
+    assert host.index_status()["hook_stats"]["tuple_chunks"] == 0
 
 
 def test_the_hook_reads_entries_with_plain_loads_where_the_kernel_knows_nf_conn(topo, host):
@@ -612,14 +635,16 @@ def test_preallocated_index_serves_deletes_and_states_its_memory(topo, host):
     topo.send("udp", 4, 6, 100)
     status = host.index_status()
     assert status["preallocated"] is True and status["records"] == 400
-    # the whole map from the start: 4096 records are 133 full chunks of 31,
-    # and room for two partly used ones in each of 133 zones: 399 chunks,
-    # each a 2,040 B element as the kernel sizes it (bpftool), 512 buckets,
-    # the zone table
+    # the whole map from the start: 4096 records are 59 full chunks of 70,
+    # and room for two partly used ones in each of 205 zones (one per 20
+    # records): 469 chunks, each a 1,736 B element as the kernel sizes it
+    # (bpftool), 512 buckets, the zone table; the tuple map (walks' records,
+    # none here) has 1,024 buckets and up to 938 chunks of 2 KiB, on demand
     info = _map_info(pin_dir, "cti_records")
-    assert info["max_entries"] == 399 and info["bytes_value"] + info["bytes_key"] + 48 == 2040
-    assert status["memory_bytes"] == status["memory_max_bytes"] \
-        == 399 * 2040 + 512 * 16 + 65536 * 72
+    assert info["max_entries"] == 469 and info["bytes_value"] + info["bytes_key"] + 48 == 1736
+    assert _map_info(pin_dir, "cti_tuples")["max_entries"] == 938
+    assert status["memory_bytes"] == 469 * 1736 + (512 + 1024) * 16 + 65536 * 72
+    assert status["memory_max_bytes"] == status["memory_bytes"] + 938 * 2048
     res = host.delete(Filter(zone=5))
     assert res.strategy == "index" and res.deleted == 300, res
     assert listed(ns, 5) == [] and len(listed(ns, 6)) == 100   # conntrack-tools
@@ -673,8 +698,8 @@ def test_records_of_a_zone_without_new_connections_are_swept(topo, host):
     never prunes it (it prunes a zone as it records into it), the sweeper
     does, so its records do not hold the room another zone needs."""
     ns = topo.host_netns
-    host.attach_index(max_records=4000)                      # 390 chunks (chunks_for)
-    topo.send("udp", 4, 5, 11000)                            # 355 of them
+    host.attach_index(max_records=4000)                      # 458 chunks (chunks_for)
+    topo.send("udp", 4, 5, 11000)                            # 158 of them
     # the zone's connections end (conntrack-tools deletes them: no timing),
     # and it gets no new ones
     conntrack_tool(ns, "-D", "-w", "5")
@@ -685,7 +710,7 @@ def test_records_of_a_zone_without_new_connections_are_swept(topo, host):
         time.sleep(0.2)
     z = host._index().zone(5)
     assert z["records"] <= 64 and z["pruned"] >= 11000 - 64, z   # the hook's tail window
-    topo.send("udp", 4, 6, 3000)                             # needs ~97 chunks
+    topo.send("udp", 4, 6, 3000)                             # needs ~43 chunks
     status = host.index_status()
     assert status["dirty_zones"] == [], status["dirty_zones"]
     res = host.delete(Filter(zone=6))
@@ -773,8 +798,8 @@ def test_an_index_delete_reads_the_table_count_once(topo, host, monkeypatch):
 
 def test_preallocating_more_than_half_the_available_memory_is_refused(topo, host, monkeypatch):
     monkeypatch.setattr(index_mod, "_mem_available", lambda: 1 << 19)   # 0.5 MiB left
-    # 4096 records: 399 chunks of 2,040 B (133 full ones, two partly used
-    # ones for each of 133 zones) and 512 buckets of 16 B, 0.78 MiB
+    # 4096 records: 469 chunks of 1,736 B (59 full ones, two partly used
+    # ones for each of 205 zones) and 512 + 1,024 buckets of 16 B, 0.80 MiB
     with pytest.raises(ConntrackError, match=r"would take 0\.8 MiB for 4096 records up front, "
                                              r"more than half of the 0\.5 MiB available") as exc:
         host.attach_index(max_records=4096, preallocate=True)
@@ -803,7 +828,7 @@ def test_an_index_of_another_record_layout_is_walked_around_then_replaced(topo, 
         assert listed(ns, 5) == [] and len(listed(ns, 6)) == 20   # conntrack-tools
         r = other.attach_index()
         assert not r.already_attached
-        assert _map_info(r.pin_dir, "cti_records")["bytes_value"] == 31 * 64
+        assert _map_info(r.pin_dir, "cti_records")["bytes_value"] == 70 * 24
         topo.send("udp", 4, 5, 50)
         res = other.delete(Filter(zone=5))
         assert res.strategy == "index" and res.deleted == 50, res
