@@ -38,6 +38,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define AF_INET 2
 #define AF_INET6 10
 #define IPS_CONFIRMED (1UL << 3)
+#define IPS_DYING (1UL << 9)
 #define ENOENT 2
 #define ETIME 62
 #define EPROTO 71
@@ -530,8 +531,11 @@ static __always_inline void read_entry(unsigned long addr, struct cti_record *r,
  * one not (yet) confirmed, or another connection's (the memory was reused:
  * another fingerprint, or another zone). An entry whose timeout has passed
  * is CTI_EXPIRED: conntrack's gc frees it when it comes by (seconds later
- * under churn), every lookup and dump already treats it as gone. Records
- * from walks (ct 0) are kept, as they are. */
+ * under churn), every lookup and dump already treats it as gone. So is a
+ * dying one (deleted, out of the table, but still referenced, e.g. by a
+ * packet still queued somewhere): freed when the last reference goes,
+ * counted by the table until then. Records from walks (ct 0) are kept, as
+ * they are. */
 static __always_inline int resolve_record(struct cti_record *r, __u32 zone, __u32 fp)
 {
 	struct ct_state e = {};
@@ -552,6 +556,8 @@ static __always_inline int resolve_record(struct cti_record *r, __u32 zone, __u3
 		r->icmp_type = 0;
 		r->icmp_code = 0;
 	}
+	if (e.status & IPS_DYING)
+		return CTI_EXPIRED;
 	/* nf_ct_is_expired() */
 	return (__s32)(e.timeout - (__u32)bpf_jiffies64()) <= 0 ? CTI_EXPIRED : CTI_ALIVE;
 }
