@@ -162,22 +162,35 @@ static __always_inline __u64 cti_key(__u32 zone, __u64 slot)
 
 /* ---- the record store: slots of a zone, in chunks ---- */
 
-/* A slot's place in its chunk; with create, the chunk is made if missing
- * (a racing CPU may make it first). NULL: no such chunk, or the map is full. */
-static __always_inline struct cti_slot *slot_at(__u32 zone, __u64 slot, int create)
+/* The element of map (cti_records or cti_tuples) under key; with create, it
+ * is made from the empty template if missing (a racing CPU may make it
+ * first: *made is 1 only for the CPU that did). NULL: no such element, or
+ * the map is full. */
+static __always_inline void *chunk_at(void *map, __u64 key, int create, int *made)
 {
-	__u64 key = cti_key(zone, slot / CTI_CHUNK_SLOTS);
-	__u32 i = slot % CTI_CHUNK_SLOTS, zero = 0;
-	struct cti_chunk *c = bpf_map_lookup_elem(&cti_records, &key);
+	void *c = bpf_map_lookup_elem(map, &key);
+	__u32 zero = 0;
 
 	if (!c && create) {
-		struct cti_chunk *empty = bpf_map_lookup_elem(&cti_empty_chunk, &zero);
+		union cti_empty *empty = bpf_map_lookup_elem(&cti_empty_chunk, &zero);
 
 		if (!empty)
 			return NULL;
-		bpf_map_update_elem(&cti_records, &key, empty, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&cti_records, &key);
+		*made = !bpf_map_update_elem(map, &key, empty, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(map, &key);
 	}
+	return c;
+}
+
+/* A slot's place in its chunk; with create, the chunk is made if missing.
+ * NULL: no such chunk, or the map is full. */
+static __always_inline struct cti_slot *slot_at(__u32 zone, __u64 slot, int create)
+{
+	__u32 i = slot % CTI_CHUNK_SLOTS;
+	int made = 0;
+	struct cti_chunk *c = chunk_at(&cti_records, cti_key(zone, slot / CTI_CHUNK_SLOTS),
+				       create, &made);
+
 	/* the compiler knows i < CTI_CHUNK_SLOTS, the verifier must be told */
 	asm volatile("" : "+r"(i));
 	if (!c || i >= CTI_CHUNK_SLOTS)
@@ -195,22 +208,16 @@ static __always_inline void count_tuple_chunks(long n)
 }
 
 /* Where a walk's record keeps its tuple; with create, its chunk is made if
- * missing. NULL: no such chunk, or the map is full. */
+ * missing (and counted). NULL: no such chunk, or the map is full. */
 static __always_inline struct cti_record *tuple_at(__u32 zone, __u64 slot, int create)
 {
-	__u64 key = cti_key(zone, slot / CTI_TUPLE_SLOTS);
-	__u32 i = slot % CTI_TUPLE_SLOTS, zero = 0;
-	struct cti_tuple_chunk *c = bpf_map_lookup_elem(&cti_tuples, &key);
+	__u32 i = slot % CTI_TUPLE_SLOTS;
+	int made = 0;
+	struct cti_tuple_chunk *c = chunk_at(&cti_tuples, cti_key(zone, slot / CTI_TUPLE_SLOTS),
+					     create, &made);
 
-	if (!c && create) {
-		union cti_empty *empty = bpf_map_lookup_elem(&cti_empty_chunk, &zero);
-
-		if (!empty)
-			return NULL;
-		if (!bpf_map_update_elem(&cti_tuples, &key, empty, BPF_NOEXIST))
-			count_tuple_chunks(1);
-		c = bpf_map_lookup_elem(&cti_tuples, &key);
-	}
+	if (made)
+		count_tuple_chunks(1);
 	asm volatile("" : "+r"(i));
 	if (!c || i >= CTI_TUPLE_SLOTS)
 		return NULL;

@@ -54,13 +54,21 @@ MAX_ZONES = 65536
 # for the partly used chunks of the zones in use too (chunks_for); a
 # preallocated map (--preallocate) holds every chunk from the start. A
 # record made by the hook is its entry's address; one a walk added (attach,
-# resync) keeps its tuple in a second map, TUPLE_SLOTS to a 2 KiB element,
+# resync) keeps its tuple in a second map, 35 to a 2 KiB element,
 # made as walks add records (never preallocated), with twice the buckets.
 CHUNK_SLOTS = ll.CHUNK_SLOTS
-TUPLE_SLOTS = ll.TUPLE_SLOTS
+# the tuple map's elements per chunk of slots (its bound: every record a walk's)
+TUPLE_CHUNKS_PER_CHUNK = CHUNK_SLOTS // ll.TUPLE_SLOTS
 BYTES_PER_PREALLOCATED_CHUNK = 48 + 8 + ll.CHUNK_BYTES
-BYTES_PER_CHUNK = 1 << (BYTES_PER_PREALLOCATED_CHUNK - 1).bit_length()   # its size class
-BYTES_PER_TUPLE_CHUNK = 1 << (48 + 8 + ll.TUPLE_CHUNK_BYTES - 1).bit_length()
+
+
+def _size_class(element_bytes: int) -> int:
+    """What an element allocated as recorded takes: its power-of-two size class."""
+    return 1 << (element_bytes - 1).bit_length()
+
+
+BYTES_PER_CHUNK = _size_class(BYTES_PER_PREALLOCATED_CHUNK)
+BYTES_PER_TUPLE_CHUNK = _size_class(48 + 8 + ll.TUPLE_CHUNK_BYTES)
 # the record map makes room for two partly used chunks in each of as many
 # zones as there are this many records (chunks_for in bpf/ct_index_loader.c)
 RECORDS_PER_ZONE = 20
@@ -280,9 +288,9 @@ def _buckets(elements: int) -> int:
 
 def _bucket_bytes(max_records: int) -> int:
     """The hash buckets of the record map (its chunks rounded up to a power
-    of two) and of the tuple map (twice as many chunks)."""
+    of two) and of the tuple map."""
     chunks = chunks_for(max_records)
-    return (_buckets(chunks) + _buckets(2 * chunks)) * BYTES_PER_BUCKET
+    return (_buckets(chunks) + _buckets(TUPLE_CHUNKS_PER_CHUNK * chunks)) * BYTES_PER_BUCKET
 
 
 def preallocation_bytes(max_records: int) -> int:
@@ -648,10 +656,9 @@ class ZoneIndex:
             memory_max = chunks_for(max_records) * BYTES_PER_CHUNK + fixed
         # the tuples of walks' records: as many chunks as the hook counts
         hook_stats = self._ix.stats()
-        tuple_chunks = max(0, min(hook_stats["tuple_chunks"] % (1 << 64),
-                                  2 * chunks_for(max_records)))
-        memory += tuple_chunks * BYTES_PER_TUPLE_CHUNK
-        memory_max += 2 * chunks_for(max_records) * BYTES_PER_TUPLE_CHUNK
+        tuple_chunks_max = TUPLE_CHUNKS_PER_CHUNK * chunks_for(max_records)
+        memory += min(hook_stats["tuple_chunks"], tuple_chunks_max) * BYTES_PER_TUPLE_CHUNK
+        memory_max += tuple_chunks_max * BYTES_PER_TUPLE_CHUNK
         return {
             "attached": all(os.path.exists(os.path.join(self.dir, n)) for n in LINK_PINS),
             "pin_dir": self.dir,
