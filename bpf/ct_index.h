@@ -97,7 +97,7 @@ struct cti_record {
 	unsigned short zone;       /* ct->zone.id */
 	unsigned char zone_dir;    /* ct->zone.dir (CTI_ZONE_DIR_*; never 0) */
 	unsigned char hook;        /* NF_INET_* hook that saw the entry */
-	unsigned int ts_sec;       /* bpf_ktime_get_ns() / 1e9 at record time */
+	unsigned int ts_sec;       /* CLOCK_MONOTONIC seconds at record time (now_sec) */
 	unsigned long long ct;     /* the nf_conn's address (hook records; 0 from a
 	                              walk) */
 };
@@ -113,7 +113,7 @@ struct cti_record {
 struct cti_slot {
 	unsigned long long ct;     /* the nf_conn's address, or 0 (a walk's) */
 	unsigned long long seq;
-	unsigned int ts_sec;       /* made or last moved (bpf_ktime seconds) */
+	unsigned int ts_sec;       /* made or last moved (CLOCK_MONOTONIC seconds) */
 	unsigned int fp;           /* the entry's tuple's fingerprint (tuple_fp) */
 };
 struct cti_chunk {
@@ -170,7 +170,7 @@ struct cti_meta {
 	unsigned long long attached_ns;  /* nsfs inode of that netns */
 	unsigned long long version;      /* layout version (CTI_META_VERSION) */
 };
-#define CTI_META_VERSION 4
+#define CTI_META_VERSION 5
 
 struct cti_filter {
 	unsigned int flags;        /* CTI_F_* */

@@ -752,6 +752,38 @@ def test_records_of_deleted_entries_still_referenced_are_swept(topo, host):
     assert host.table_count() >= 200                            # still held meanwhile
 
 
+def _record_ages(pin_dir, zone):
+    """Seconds since each of a zone's published slots was stamped, by
+    CLOCK_MONOTONIC now (the record map as the kernel holds it, by BTF)."""
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned",
+                          os.path.join(pin_dir, "cti_records")],
+                         capture_output=True, text=True, check=True).stdout
+    now = time.clock_gettime(time.CLOCK_MONOTONIC)
+    return [now - s["ts_sec"] for e in json.loads(out)
+            if e["formatted"]["key"] >> 48 == zone
+            for s in e["formatted"]["value"]["s"] if s["seq"]]
+
+
+def test_records_are_stamped_by_the_monotonic_clock_with_or_without_the_sweeper(topo, host):
+    """The hook stamps a record with the second the sweeper last wrote (a
+    load, not a read of the clock) while that is fresh, and reads the clock
+    when it is not: a stopped sweeper must not age new records."""
+    pin_dir = host.attach_index(max_records=4000).pin_dir
+    deadline = time.monotonic() + 5
+    while _sweeper(pin_dir)["runs"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)                # its first runs set the clock
+    sw = _sweeper(pin_dir)
+    assert abs(time.clock_gettime(time.CLOCK_MONOTONIC) - sw["clock_sec"]) < 2, sw
+    topo.send("udp", 4, 5, 200)
+    ages = _record_ages(pin_dir, 5)
+    assert len(ages) == 200 and all(-1 <= a < 3 for a in ages), ages
+    _stop_sweeper(pin_dir)
+    time.sleep(3)                     # its clock is stale at any HZ >= 100
+    topo.send("udp", 4, 6, 200)
+    ages = _record_ages(pin_dir, 6)
+    assert len(ages) == 200 and all(-1 <= a < 3 for a in ages), ages
+
+
 def test_the_sweeper_goes_with_the_index(topo, host):
     """Its timer runs while the index is pinned, and stops with it: no map
     of a detached index is left in the kernel."""
