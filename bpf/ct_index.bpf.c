@@ -479,6 +479,10 @@ static __always_inline unsigned long read_ct_status(unsigned long addr)
 #define CTI_GONE 0
 #define CTI_ALIVE 1
 #define CTI_EXPIRED 2	/* still in the table, but timed out: no lookup finds it */
+#define CTI_LASTING 3	/* alive, and no timeout within CTI_LASTING_JIFFIES (1 s
+			   or more at any HZ up to 1000); or a walk's record,
+			   whose entry is not read */
+#define CTI_LASTING_JIFFIES 1000
 
 /* What the index needs of an entry besides its tuple */
 struct ct_state {
@@ -574,9 +578,10 @@ static __always_inline void read_entry(unsigned long addr, struct cti_record *r,
 static __always_inline int resolve_record(struct cti_record *r, __u32 zone, __u32 fp)
 {
 	struct ct_state e = {};
+	__s32 left;
 
 	if (!r->ct)
-		return CTI_ALIVE;
+		return CTI_LASTING;
 	read_entry(r->ct, r, &e);
 	if (!(e.use > 0 && (e.status & IPS_CONFIRMED) && e.zone == zone && e.fp == fp))
 		return CTI_GONE;
@@ -594,7 +599,16 @@ static __always_inline int resolve_record(struct cti_record *r, __u32 zone, __u3
 	if (e.status & IPS_DYING)
 		return CTI_EXPIRED;
 	/* nf_ct_is_expired() */
-	return (__s32)(e.timeout - (__u32)bpf_jiffies64()) <= 0 ? CTI_EXPIRED : CTI_ALIVE;
+	left = e.timeout - (__u32)bpf_jiffies64();
+	if (left <= 0)
+		return CTI_EXPIRED;
+	return left > CTI_LASTING_JIFFIES ? CTI_LASTING : CTI_ALIVE;
+}
+
+/* cti_zone.lasting for tail slot t in second now */
+static __always_inline __u64 lasting_mark(__u32 now, __u64 t)
+{
+	return (__u64)(now & 0xffff) << CTI_SLOT_BITS | ((t + 1) & CTI_SLOT_MASK);
 }
 
 struct prune_ctx {
@@ -636,7 +650,7 @@ static long prune_step(__u64 i, void *data)
 	if (rec_lookup(p->zone, t, &r, &fp))
 		return 1;   /* a hole or an insert in flight: leave it to a pass */
 	alive = resolve_record(&r, p->zone, fp);
-	if (alive != CTI_ALIVE) {
+	if (alive != CTI_ALIVE && alive != CTI_LASTING) {
 		if (__sync_val_compare_and_swap(&zm->tail, t, t + 1) != t)
 			return 1;
 		if (!rec_delete(p->zone, t)) {
@@ -651,8 +665,12 @@ static long prune_step(__u64 i, void *data)
 	}
 	/* alive and young: it is the zone's oldest record, so it will most
 	 * likely go first; wait for it (keeps the window in creation order) */
-	if ((__s32)(p->now - r.ts_sec) < (__s32)p->move_age)
+	if ((__s32)(p->now - r.ts_sec) < (__s32)p->move_age) {
+		/* the hook's look would wait too (the sweeper's waits longer) */
+		if (alive == CTI_LASTING && (__s32)(p->now - r.ts_sec) < CTI_PRUNE_MOVE_AGE)
+			zm->lasting = lasting_mark(p->now, t);
 		return 1;
+	}
 	/* alive for long: copy it to the head first, so it is never out of
 	 * sight, then release its slot; its age counts from the move (a zone
 	 * of long-lived connections is not cycled through on every look) */
@@ -805,7 +823,12 @@ int cti_record(struct bpf_nf_ctx *ctx)
 	if (record_new(ct, ctx->state->hook /* trusted: a plain load */, st, &zone, &now))
 		return NF_ACCEPT;
 	zm = bpf_map_lookup_elem(&cti_zones, &zone);
-	if (zm)
+	/* The zone's oldest record was found alive, young and lasting in
+	 * this second: it stays so for the rest of it (but for a delete of its
+	 * entry, seen a second later), and it holds the tail. Looking again is
+	 * a chunk lookup and a read of the entry per look; most zones, most of
+	 * the time (their oldest connection lives on), need none. */
+	if (zm && zm->lasting != lasting_mark(now, zm->tail))
 		cti_prune_tail(zm, zone, st, now);
 	return NF_ACCEPT;
 }

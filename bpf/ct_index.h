@@ -130,7 +130,7 @@ struct cti_listed {
 	struct cti_record rec;
 };
 
-/* Per-zone bookkeeping, BPF array indexed by zone id. 72 bytes. */
+/* Per-zone bookkeeping, BPF array indexed by zone id. 80 bytes. */
 struct cti_zone {
 	unsigned long long head;   /* next slot to reserve (monotonic) */
 	unsigned long long done;   /* finished insert attempts, ok or failed */
@@ -143,6 +143,11 @@ struct cti_zone {
 	                               the zone's records alone */
 	unsigned long long moves;   /* records the hook moved to the head */
 	unsigned long long pruned;  /* records the hook pruned (entry freed) */
+	unsigned long long lasting; /* the pruner found the tail's record alive,
+	                               lasting (CTI_LASTING) and young in this
+	                               second: (second & 0xffff) << 48 | tail + 1;
+	                               the hook does not look again before the
+	                               next second or a move of the tail */
 };
 
 /* Global counters of the netfilter program (per-CPU array, 1 entry). */
@@ -170,7 +175,7 @@ struct cti_meta {
 	unsigned long long attached_ns;  /* nsfs inode of that netns */
 	unsigned long long version;      /* layout version (CTI_META_VERSION) */
 };
-#define CTI_META_VERSION 5
+#define CTI_META_VERSION 6
 
 struct cti_filter {
 	unsigned int flags;        /* CTI_F_* */

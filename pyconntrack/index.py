@@ -50,7 +50,7 @@ MAX_ZONES = 65536
 # element of 1,736 B (the 48 B element header, the key, 70 slots of 24 B)
 # per chunk, served from the 2 KiB size class when allocated as recorded,
 # plus 16 B per hash bucket (buckets = the map's chunks rounded up to a power
-# of two), plus the 4.5 MiB per-zone table (72 B per zone). The map has room
+# of two), plus the 5 MiB per-zone table (80 B per zone). The map has room
 # for the partly used chunks of the zones in use too (chunks_for); a
 # preallocated map (--preallocate) holds every chunk from the start. A
 # record made by the hook is its entry's address; one a walk added (attach,
@@ -80,7 +80,7 @@ BYTES_PER_BUCKET = 16
 OTHER_VERSION = ("the index of this namespace was attached by another version of pyconntrack "
                  "(another record layout): deletes walk the table meanwhile; attach again "
                  "(it replaces that index) or detach it")
-ZONE_TABLE_BYTES = MAX_ZONES * 72
+ZONE_TABLE_BYTES = MAX_ZONES * 80
 BPF_FS_MAGIC = 0xCAFE4A11
 
 _open_lock = threading.Lock()

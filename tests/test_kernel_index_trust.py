@@ -643,7 +643,7 @@ def test_preallocated_index_serves_deletes_and_states_its_memory(topo, host):
     info = _map_info(pin_dir, "cti_records")
     assert info["max_entries"] == 469 and info["bytes_value"] + info["bytes_key"] + 48 == 1736
     assert _map_info(pin_dir, "cti_tuples")["max_entries"] == 938
-    assert status["memory_bytes"] == 469 * 1736 + (512 + 1024) * 16 + 65536 * 72
+    assert status["memory_bytes"] == 469 * 1736 + (512 + 1024) * 16 + 65536 * 80
     assert status["memory_max_bytes"] == status["memory_bytes"] + 938 * 2048
     res = host.delete(Filter(zone=5))
     assert res.strategy == "index" and res.deleted == 300, res
@@ -822,6 +822,23 @@ def test_hook_prunes_records_of_gone_entries(topo, host, preallocate):
     assert host.index_audit()["missing"] == 0   # nothing live was dropped
     res = host.delete(Filter(zone=5))
     assert res.strategy == "index" and host.count(Filter(zone=5)) == 0
+
+
+def test_hook_looks_again_at_a_lasting_tail_in_the_next_second(topo, host):
+    """The hook skips looking at a zone's oldest record for the rest of the
+    second in which it found it alive, young and far from timing out (UDP
+    timeout 30 s here). A delete by another tool ends those connections
+    without the hook seeing it: from the next second on, it prunes them."""
+    ns = topo.host_netns
+    _stop_sweeper(host.attach_index().pin_dir)      # the hook alone
+    topo.send("udp", 4, 5, 2000)
+    conntrack_tool(ns, "-D", "-w", "5")
+    assert listed(ns, 5) == []
+    time.sleep(1.1)
+    topo.send("udp", 4, 5, 2000, dport=30000)       # each new record prunes the zone's tail
+    z = host._index().zone(5)
+    assert z["pruned"] >= 1900, z
+    assert host.index_audit()["missing"] == 0
 
 
 def test_hook_prunes_records_of_expired_entries_before_the_gc_frees_them(topo, host):
