@@ -642,6 +642,7 @@ static long prune_step(__u64 i, void *data)
 	struct cti_record r;
 	__u64 t, nslot;
 	__u32 fp = 0;
+	__s32 age;
 	int alive;
 
 	t = zm->tail;
@@ -665,9 +666,10 @@ static long prune_step(__u64 i, void *data)
 	}
 	/* alive and young: it is the zone's oldest record, so it will most
 	 * likely go first; wait for it (keeps the window in creation order) */
-	if ((__s32)(p->now - r.ts_sec) < (__s32)p->move_age) {
+	age = p->now - r.ts_sec;
+	if (age < (__s32)p->move_age) {
 		/* the hook's look would wait too (the sweeper's waits longer) */
-		if (alive == CTI_LASTING && (__s32)(p->now - r.ts_sec) < CTI_PRUNE_MOVE_AGE)
+		if (alive == CTI_LASTING && age < CTI_PRUNE_MOVE_AGE)
 			zm->lasting = lasting_mark(p->now, t);
 		return 1;
 	}

@@ -24,6 +24,8 @@ CHUNK_BYTES = ffi.sizeof("struct cti_chunk")
 # the tuples of records a walk added: chunks of this many, each this big
 TUPLE_SLOTS = lib.CTI_TUPLE_SLOTS
 TUPLE_CHUNK_BYTES = ffi.sizeof("struct cti_tuple_chunk")
+# the per-zone table: one of these per zone id
+ZONE_BYTES = ffi.sizeof("struct cti_zone")
 META_VERSION = lib.CTI_META_VERSION
 # where the index's hook is linked: (protocol family, netfilter hook), priority
 INDEX_HOOKS = [(pf, hook) for pf in (lib.CTI_NFPROTO_IPV4, lib.CTI_NFPROTO_IPV6)

@@ -80,7 +80,7 @@ BYTES_PER_BUCKET = 16
 OTHER_VERSION = ("the index of this namespace was attached by another version of pyconntrack "
                  "(another record layout): deletes walk the table meanwhile; attach again "
                  "(it replaces that index) or detach it")
-ZONE_TABLE_BYTES = MAX_ZONES * 80
+ZONE_TABLE_BYTES = MAX_ZONES * ll.ZONE_BYTES
 BPF_FS_MAGIC = 0xCAFE4A11
 
 _open_lock = threading.Lock()
