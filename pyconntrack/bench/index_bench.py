@@ -270,12 +270,15 @@ def attach_time(entries: int = 1_000_000, rounds: int = 3) -> dict:
     """Attach (hooks + one walk) against a plain count walk of the same table
     and the kernel's own dump of it (raw netlink, headers counted, nothing
     parsed: the floor of any walk). On the attached index, at that table
-    size: opening it from its pins against loading the BPF object, and the
-    check every delete makes before trusting it."""
+    size: opening it from its pins against loading the BPF object, the
+    check every delete makes before trusting it, and what the attach with
+    the default size holds (its records against the entries a walk counts,
+    zones marked dirty, the size and memory ``index status`` states)."""
     from .. import _lowlevel as ll
     from .harness import KernelLimits, Worker   # limits raised for the run, restored
     att, walk, dump = [], [], []
     costs: dict = {}
+    held: dict = {}
     with KernelLimits(entries + entries // 4 + 100_000, None), Topology(zones=[5]) as t:
         peer = Worker("peer", t.host_netns)
         with Conntrack(t.host_netns) as ct:
@@ -284,7 +287,7 @@ def attach_time(entries: int = 1_000_000, rounds: int = 3) -> dict:
                 for i in range(rounds):
                     dump.append(peer.call(op="raw_dump", zone=5)["seconds"])
                     s = time.perf_counter()
-                    ct.count(Filter(zone=5))
+                    counted = ct.count(Filter(zone=5))
                     walk.append(time.perf_counter() - s)
                     s = time.perf_counter()
                     pin_dir = ct.attach_index().pin_dir
@@ -297,6 +300,11 @@ def attach_time(entries: int = 1_000_000, rounds: int = 3) -> dict:
                             "load_object_ms": _median_ms(_load_object, 5),
                             "pre_delete_check_ms": _median_ms(lambda: ix.blind_spot(h)),
                         }
+                        st = ct.index_status()
+                        held = {"entries_counted": counted, "records": st["records"],
+                                "dirty_zones": len(st["dirty_zones"]),
+                                "max_records": st["max_records"],
+                                "memory_bytes": st["memory_bytes"]}
                     ct.detach_index()
             finally:
                 peer.close()
@@ -304,7 +312,7 @@ def attach_time(entries: int = 1_000_000, rounds: int = 3) -> dict:
                 ct.delete(Filter(zone=5), strategy="walk")
     a, w, d = statistics.median(att), statistics.median(walk), statistics.median(dump)
     return {"entries": entries, "attach_s": round(a, 3), "walk_s": round(w, 3),
-            "raw_dump_s": round(d, 3), "ratio": round(a / w, 2), **costs}
+            "raw_dump_s": round(d, 3), "ratio": round(a / w, 2), **costs, **held}
 
 
 def _load_object() -> None:
@@ -349,6 +357,8 @@ TARGETS = (
      ">= 0.95"),
     ("I3", "packet rate of existing flows with the index / without (64 UDP flows sent again, unreplied: the slowest kind)", ">= 0.99"),
     ("I4", "attach at 1M entries", "<= 1.5 s"),
+    ("I5", "what that attach holds, default size: its records / the entries a walk counts; "
+     "zones marked dirty", "every entry, 0 dirty"),
     ("F2", "floor of I2: new-flow rate with a netfilter BPF program that returns at once / without (any hook's kernel cost)", ">= 0.95"),
     ("F3", "floor of I3: existing-flow packet rate with that program / without", ">= 0.99"),
 )
@@ -414,6 +424,15 @@ def evaluate(result: dict) -> list:
         elif tid == "I4" and a:
             value = f"{a['attach_s']:.2f} s at {a['entries']:,} (plain walk {a['walk_s']:.2f} s)"
             met = a["attach_s"] <= 1.5 if full else None
+            if full and not met and a.get("raw_dump_s", 0) > 1.5:
+                # attach reads the table once; no reader of it does better
+                met = f"NOT met (kernel limit: its raw dump alone takes {a['raw_dump_s']:.2f} s)"
+        elif tid == "I5" and a and "records" in a:
+            value = f"{a['records']:,} records of {a['entries_counted']:,} entries, " \
+                    f"{a['dirty_zones']} dirty; max_records {a['max_records']:,}, " \
+                    f"{a['memory_bytes'] / 2**20:.1f} MiB"
+            met = (a["records"] == a["entries_counted"] and not a["dirty_zones"]) \
+                if full else None
         else:
             continue
         if not isinstance(met, str):
