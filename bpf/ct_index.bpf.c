@@ -40,6 +40,10 @@ char LICENSE[] SEC("license") = "GPL";
 #define IPS_CONFIRMED (1UL << 3)
 #define IPS_DYING (1UL << 9)
 #define ENOENT 2
+#define EFAULT 14
+#define EINVAL 22
+#define E2BIG 7
+#define ESTALE 116
 #define ETIME 62
 #define EPROTO 71
 #define BPF_F_CURRENT_NETNS (-1)
@@ -898,7 +902,7 @@ static __always_inline int filter_match(const struct cti_record *r,
 }
 
 /* lookup of the record's tuple in its zone; opts->error set on NULL */
-static __always_inline struct nf_conn *ct_lookup(struct reap_ctx *c,
+static __always_inline struct nf_conn *ct_lookup(struct xdp_md *xdp,
 						 const struct cti_record *r,
 						 struct bpf_ct_opts *opts)
 {
@@ -923,7 +927,7 @@ static __always_inline struct nf_conn *ct_lookup(struct reap_ctx *c,
 		tup.ipv6.dport = r->dport;
 		tsz = sizeof(tup.ipv6);
 	}
-	return bpf_xdp_ct_lookup(c->xdp, &tup, tsz, opts, sizeof(*opts));
+	return bpf_xdp_ct_lookup(xdp, &tup, tsz, opts, sizeof(*opts));
 }
 
 enum { ACT_KEEP, ACT_REMOVE };
@@ -981,7 +985,7 @@ static long reap_one(__u64 idx, void *data)
 		goto keep;
 	}
 
-	ct = ct_lookup(c, &r, &opts);
+	ct = ct_lookup(c->xdp, &r, &opts);
 	if (!ct) {
 		if (opts.error == -ENOENT) {
 			c->gone++;
@@ -1016,7 +1020,7 @@ static long reap_one(__u64 idx, void *data)
 		goto keep;
 	}
 	/* the entry is expired now; a lookup of its tuple reaps it at once */
-	ct = ct_lookup(c, &r, &opts);
+	ct = ct_lookup(c->xdp, &r, &opts);
 	if (ct) {
 		bpf_ct_release(ct);
 		c->still_there++;
@@ -1283,5 +1287,250 @@ int cti_reap(struct xdp_md *ctx)
 	count_removed(__sync_fetch_and_add(&c.zm->removed, 0) - removed_before);
 	a->tail = c.zm->tail;
 	a->head = c.zm->head;
+	return XDP_PASS;
+}
+
+/* ------------------------------------------------------------------ */
+/* Table walk (attach), run with BPF_PROG_TEST_RUN                     */
+/* ------------------------------------------------------------------ */
+
+/* conntrack's table is an array of hlist_nulls heads; the chain of bucket
+ * b ends in the marker b << 1 | 1, and every entry sits on two chains (its
+ * original and its reply tuple). Its address is no symbol a program can
+ * name (kallsyms lists data only with KALLSYMS_ALL), so CTI_WALK_LOCATE
+ * finds it from one entry: forward along the entry's chain to the marker
+ * (its bucket), back along pprev to the bucket's head. The scan checks
+ * every chain's marker, so a wrong address or a resized table ends in an
+ * error, never in a silent partial walk. All under the test run's RCU read
+ * lock, as the kernel's own lookups walk these chains. */
+
+/* The pointer at addr; 0 if it cannot be read (no node or marker is 0) */
+static __always_inline unsigned long read_ptr(unsigned long addr)
+{
+	unsigned long v;
+
+	if (bpf_probe_read_kernel(&v, sizeof(v), (const void *)addr))
+		return 0;
+	return v;
+}
+
+struct locate_ctx {
+	unsigned long p;
+	__u64 bucket;
+	int found;
+};
+
+/* p: a node; stop at its chain's marker */
+static long to_marker(__u64 i, void *data)
+{
+	struct locate_ctx *l = data;
+	unsigned long next = read_ptr(l->p);
+
+	if (!next)
+		return 1;
+	if (next & 1) {
+		l->bucket = next >> 1;
+		l->found = 1;
+		return 1;
+	}
+	l->p = next;
+	return 0;
+}
+
+/* p: the address of the pointer to a node (its pprev), which is either the
+ * previous node (its next field comes first) or the bucket's head. A node
+ * at p has a pprev pointing back at p; the head's neighbour in the array
+ * (the next bucket's head) holds a marker or a node whose next is not p. */
+static long to_head(__u64 i, void *data)
+{
+	struct locate_ctx *l = data;
+	unsigned long q = read_ptr(l->p + sizeof(void *));
+
+	if (!q || (q & 1) || read_ptr(q) != l->p) {
+		l->found = 2;
+		return 1;
+	}
+	l->p = q;
+	return 0;
+}
+
+static __always_inline int walk_locate(struct xdp_md *ctx, struct cti_walk_args *a)
+{
+	struct locate_ctx l = {};
+	struct bpf_ct_opts opts;
+	struct cti_record r;
+	struct nf_conn *ct;
+	unsigned long node, net;
+
+	__builtin_memcpy(&r, &a->anchor, sizeof(r));
+	ct = ct_lookup(ctx, &r, &opts);
+	if (!ct)
+		return opts.error ? opts.error : -ENOENT;
+	node = (unsigned long)&ct->tuplehash[0].hnnode;
+	net = (unsigned long)ct->ct_net.net;
+	bpf_ct_release(ct);
+
+	l.p = node;
+	bpf_loop(CTI_WALK_STEPS, to_marker, &l, 0);
+	if (l.found != 1 || l.bucket >= a->buckets)
+		return -ESTALE;
+	a->anchor_bucket = l.bucket;
+	l.found = 0;
+	l.p = read_ptr(node + sizeof(void *));   /* its pprev */
+	if (!l.p || (l.p & 1))
+		return -ESTALE;   /* unhashed meanwhile */
+	bpf_loop(CTI_WALK_STEPS, to_head, &l, 0);
+	if (l.found != 2)
+		return -ESTALE;
+	a->table = l.p - l.bucket * sizeof(void *);
+	a->net = net;
+	return 0;
+}
+
+struct walk_ctx {
+	unsigned long table, net, p;
+	__u32 bucket, end, retries, now, max_nodes, max_retries;
+	__u64 nodes, entries, recorded, lost, foreign, skipped, restarts;
+	int err;
+};
+
+enum { WALK_RECORDED, WALK_LOST, WALK_FOREIGN, WALK_SKIPPED };
+
+/* One entry on the table: record it if it is this namespace's and alive
+ * (what a ctnetlink dump would list). A record like the hook's: the
+ * entry's address and its tuple's fingerprint. A global function: verified
+ * once on its own, not on every path of the walk's loop. */
+__noinline int walk_entry(unsigned long ct, unsigned long net, __u32 now)
+{
+	struct cti_record rec = {};
+	struct ct_state e = {};
+	struct cti_zone *zm;
+	unsigned long ct_net = 0;
+	__u32 zone;
+	__s32 left;
+
+	if (nf_conn_btf_id)
+		ct_net = (unsigned long)ct_plain(ct)->ct_net.net;
+	else
+		bpf_core_read(&ct_net, sizeof(ct_net), &((struct nf_conn *)ct)->ct_net.net);
+	if (ct_net != net)
+		return WALK_FOREIGN;
+	read_entry(ct, &rec, &e);
+	left = e.timeout - (__u32)bpf_jiffies64();
+	if (e.use <= 0 || !(e.status & IPS_CONFIRMED) || (e.status & IPS_DYING) || left <= 0)
+		return WALK_SKIPPED;
+	zone = e.zone;
+	rec.ts_sec = now;
+	rec.ct = ct;
+	zm = bpf_map_lookup_elem(&cti_zones, &zone);
+	if (!zm || cti_append(zm, zone, &rec, e.fp) < 0)
+		return WALK_LOST;
+	return WALK_RECORDED;
+}
+
+static long walk_step(__u64 i, void *data)
+{
+	struct walk_ctx *w = data;
+	struct nf_conntrack_tuple_hash *h;
+	unsigned long next;
+	__u8 dir = 1;
+
+	if (w->p & 1) {   /* a chain's end */
+		if ((w->p >> 1) == w->bucket) {
+			w->retries = 0;
+			w->bucket++;
+			if (w->bucket >= w->end || w->nodes >= w->max_nodes)
+				return 1;
+		} else if (++w->retries > w->max_retries) {
+			w->err = -ESTALE;   /* not this bucket's chain: a wrong table */
+			return 1;
+		} else {
+			w->restarts++;   /* its last entry was freed and reused: again */
+		}
+		w->p = read_ptr(w->table + (__u64)w->bucket * sizeof(void *));
+		if (!w->p) {
+			w->err = -EFAULT;
+			return 1;
+		}
+		return 0;
+	}
+	h = (struct nf_conntrack_tuple_hash *)w->p;
+	next = read_ptr(w->p);   /* hnnode.next comes first */
+	if (!next) {
+		w->err = -EFAULT;
+		return 1;
+	}
+	bpf_core_read(&dir, sizeof(dir), &h->tuple.dst.dir);
+	w->nodes++;
+	if (dir == IP_CT_DIR_ORIGINAL) {
+		switch (walk_entry(w->p - bpf_core_field_offset(struct nf_conn, tuplehash),
+				   w->net, w->now)) {
+		case WALK_RECORDED:
+			w->entries++;
+			w->recorded++;
+			break;
+		case WALK_LOST:
+			w->entries++;
+			w->lost++;
+			break;
+		case WALK_FOREIGN:
+			w->foreign++;
+			break;
+		default:
+			w->skipped++;
+		}
+	}
+	w->p = next;
+	return 0;
+}
+
+static __always_inline int walk_scan(struct cti_walk_args *a)
+{
+	struct walk_ctx w = {};
+	struct cti_stats *st;
+	__u32 zero = 0;
+
+	if (a->bucket >= a->end || a->end > a->buckets || !a->table || !a->net)
+		return -EINVAL;
+	w.table = a->table;
+	w.net = a->net;
+	w.bucket = a->bucket;
+	w.end = a->end;
+	w.max_nodes = a->max_nodes;
+	w.max_retries = a->max_retries;
+	w.now = now_sec();
+	w.p = read_ptr(w.table + (__u64)w.bucket * sizeof(void *));
+	if (!w.p)
+		return -EFAULT;
+	bpf_loop(CTI_WALK_STEPS, walk_step, &w, 0);
+	if (!w.err && w.bucket < w.end && w.nodes < w.max_nodes)
+		w.err = -E2BIG;   /* the steps ran out inside a chain */
+	a->bucket = w.bucket;
+	a->nodes = w.nodes;
+	a->entries = w.entries;
+	a->recorded = w.recorded;
+	a->lost = w.lost;
+	a->foreign = w.foreign;
+	a->skipped = w.skipped;
+	a->restarts = w.restarts;
+	st = bpf_map_lookup_elem(&cti_stats, &zero);
+	if (st)
+		st->seeded += w.recorded;
+	return w.err;
+}
+
+SEC("xdp")
+int cti_walk(struct xdp_md *ctx)
+{
+	struct cti_walk_args *a = (void *)(long)ctx->data;
+
+	if ((void *)(a + 1) > (void *)(long)ctx->data_end)
+		return XDP_ABORTED;
+	if (a->op == CTI_WALK_LOCATE)
+		a->status = walk_locate(ctx, a);
+	else if (a->op == CTI_WALK_SCAN)
+		a->status = walk_scan(a);
+	else
+		a->status = -EINVAL;
 	return XDP_PASS;
 }

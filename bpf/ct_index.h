@@ -227,6 +227,47 @@ struct cti_reap_args {
 	                                   run another pass */
 	unsigned int pad2;
 };
+/*
+ * The table walk (cti_walk, BPF_PROG_TEST_RUN): records the entries that
+ * exist when the hooks are attached by reading conntrack's hash table from
+ * BPF, where a ctnetlink dump would format and copy every entry.
+ * CTI_WALK_LOCATE finds the table from one entry (the anchor, looked up by
+ * its tuple); CTI_WALK_SCAN then walks buckets [bucket, end).
+ */
+#define CTI_WALK_LOCATE 1
+#define CTI_WALK_SCAN 2
+/* Chain nodes one scan run visits at most (it stops at a bucket's end
+ * beyond CTI_WALK_NODES; CTI_WALK_STEPS bounds a run outright). */
+#define CTI_WALK_NODES 32768
+#define CTI_WALK_STEPS 262144
+/* A bucket whose chain ends in another bucket's marker (its last entry was
+ * freed and reused meanwhile) is walked again, this many times at most. */
+#define CTI_WALK_RETRIES 8
+
+struct cti_walk_args {
+	/* in */
+	unsigned int op;            /* CTI_WALK_* */
+	unsigned int buckets;       /* the table's size (nf_conntrack_buckets) */
+	struct cti_record anchor;   /* LOCATE: an entry's tuple, zone and direction */
+	unsigned long long table;   /* SCAN: the table's address (from LOCATE) */
+	unsigned long long net;     /* SCAN: the namespace's struct net (from LOCATE) */
+	unsigned int bucket;        /* SCAN: first bucket; out: the next one */
+	unsigned int end;           /* SCAN: one past the last bucket */
+	unsigned int max_nodes;     /* SCAN: CTI_WALK_NODES (limits handed in stay
+	                               unknown to the verifier: its loop states merge) */
+	unsigned int max_retries;   /* SCAN: CTI_WALK_RETRIES */
+	/* out */
+	int status;                 /* 0, or -errno */
+	unsigned int anchor_bucket; /* LOCATE: the anchor's bucket */
+	unsigned long long nodes;     /* chain nodes visited */
+	unsigned long long entries;   /* this namespace's live entries found */
+	unsigned long long recorded;  /* of those, records stored */
+	unsigned long long lost;      /* of those, records lost (zone dirty) */
+	unsigned long long foreign;   /* other namespaces' entries */
+	unsigned long long skipped;   /* expired, dying, or freed while read */
+	unsigned long long restarts;  /* buckets walked again */
+};
+
 /* Records the hook pruned because their entry had expired (its timeout
  * passed) while the entry was still in the table, waiting for conntrack's
  * garbage collector: one counter per second, CTI_EXPIRED_SECS seconds kept

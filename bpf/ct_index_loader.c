@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <pthread.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -61,6 +62,7 @@ struct cti {
 	/* the maps and the reaper: the skeleton's, or from the pins (owned) */
 	int fd_records, fd_zones, fd_stats, fd_meta, fd_expired, fd_empty, fd_sweeper, fd_tuples,
 	    fd_reap;
+	int fd_walk;	/* the table walk: the skeleton's only (-1 from the pins) */
 	int own_fds;
 	long long max_records;
 	int preallocated;	/* the record map has no BPF_F_NO_PREALLOC */
@@ -417,6 +419,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	if (!c)
 		return -ENOMEM;
 	c->netns_fd = -1;
+	c->fd_walk = -1;
 	c->fd_records = c->fd_zones = c->fd_stats = c->fd_meta = c->fd_expired = -1;
 	c->fd_empty = c->fd_sweeper = c->fd_tuples = c->fd_reap = -1;
 	strcpy(c->dir, pin_dir);
@@ -508,6 +511,7 @@ int cti_open(const char *pin_dir, unsigned int max_records, unsigned int flags,
 	c->fd_sweeper = bpf_map__fd(c->skel->maps.cti_sweeper);
 	c->fd_tuples = bpf_map__fd(c->skel->maps.cti_tuples);
 	c->fd_reap = bpf_program__fd(c->skel->progs.cti_reap);
+	c->fd_walk = bpf_program__fd(c->skel->progs.cti_walk);
 	c->max_records = records_for(bpf_map__max_entries(c->skel->maps.cti_records));
 	c->preallocated = !(bpf_map__map_flags(c->skel->maps.cti_records) & BPF_F_NO_PREALLOC);
 	err = pin_reaper(c);
@@ -694,6 +698,130 @@ static int run_reaper(struct cti *c, void *req, size_t size)
 	if (opts.retval != XDP_PASS || opts.data_size_out != size)
 		return -EIO;
 	return ((struct cti_reap_args *)req)->status;
+}
+
+/* One run of the table walk on its arguments (written back in place). */
+static int run_walk(struct cti *c, struct cti_walk_args *a)
+{
+	LIBBPF_OPTS(bpf_test_run_opts, opts,
+		.data_in = a,
+		.data_size_in = sizeof(*a),
+		.data_out = a,
+		.data_size_out = sizeof(*a),
+		.repeat = 1,
+	);
+	int err;
+
+	err = bpf_prog_test_run_opts(c->fd_walk, &opts);
+	if (err)
+		return err < 0 ? err : -EIO;
+	if (opts.retval != XDP_PASS || opts.data_size_out != sizeof(*a))
+		return -EIO;
+	return a->status;
+}
+
+/* One thread's share of the table: buckets [from, end), in runs of up to
+ * CTI_WALK_NODES chain nodes (each run holds the RCU read lock: short). */
+struct walk_part {
+	struct cti *c;
+	unsigned long long table, net;
+	unsigned int buckets, from, end;
+	int err;
+	struct cti_walk_result res;
+};
+
+static void *walk_part(void *arg)
+{
+	struct walk_part *p = arg;
+	struct cti_walk_args a;
+	unsigned int bucket = p->from;
+
+	while (!p->err && bucket < p->end) {
+		memset(&a, 0, sizeof(a));
+		a.op = CTI_WALK_SCAN;
+		a.buckets = p->buckets;
+		a.table = p->table;
+		a.net = p->net;
+		a.bucket = bucket;
+		a.end = p->end;
+		a.max_nodes = CTI_WALK_NODES;
+		a.max_retries = CTI_WALK_RETRIES;
+		p->err = run_walk(p->c, &a);
+		p->res.runs++;
+		p->res.entries += a.entries;
+		p->res.recorded += a.recorded;
+		p->res.lost += a.lost;
+		p->res.foreign += a.foreign;
+		p->res.skipped += a.skipped;
+		p->res.restarts += a.restarts;
+		p->res.nodes += a.nodes;
+		if (!p->err && a.bucket <= bucket)
+			p->err = -EIO;   /* no progress */
+		bucket = a.bucket;
+	}
+	return NULL;
+}
+
+int cti_walk_table(struct cti *c, const struct cti_record *anchor, unsigned int buckets,
+		   unsigned int threads, struct cti_walk_result *res)
+{
+	struct walk_part parts[8];
+	pthread_t tids[8];
+	int joined[8] = { 0 };
+	struct cti_walk_args a;
+	unsigned int i, made = 0;
+	int err, old;
+
+	memset(res, 0, sizeof(*res));
+	if (c->fd_walk < 0)
+		return -EOPNOTSUPP;
+	if (!anchor || !buckets || threads < 1 || threads > 8)
+		return -EINVAL;
+	if (threads > buckets)
+		threads = buckets;
+	res->buckets = buckets;
+	/* the anchor is looked up in the namespace the test run runs in */
+	err = netns_enter(c->netns_fd, &old);
+	if (err)
+		return err;
+	memset(&a, 0, sizeof(a));
+	a.op = CTI_WALK_LOCATE;
+	a.buckets = buckets;
+	a.anchor = *anchor;
+	err = run_walk(c, &a);
+	res->runs = 1;
+	if (!err && (!a.table || !a.net))
+		err = -ESTALE;
+	/* part 0 on this thread, the others on their own */
+	for (i = 0; !err && i < threads; i++, made++) {
+		parts[i] = (struct walk_part){
+			.c = c, .table = a.table, .net = a.net, .buckets = buckets,
+			.from = (unsigned int)((unsigned long long)buckets * i / threads),
+			.end = (unsigned int)((unsigned long long)buckets * (i + 1) / threads),
+		};
+		if (i > 0) {
+			err = -pthread_create(&tids[i], NULL, walk_part, &parts[i]);
+			joined[i] = !err;
+		}
+	}
+	if (made)
+		walk_part(&parts[0]);
+	for (i = 0; i < made; i++) {
+		if (joined[i])
+			pthread_join(tids[i], NULL);
+		if (parts[i].err && !err)
+			err = parts[i].err;
+		res->runs += parts[i].res.runs;
+		res->entries += parts[i].res.entries;
+		res->recorded += parts[i].res.recorded;
+		res->lost += parts[i].res.lost;
+		res->foreign += parts[i].res.foreign;
+		res->skipped += parts[i].res.skipped;
+		res->restarts += parts[i].res.restarts;
+		res->nodes += parts[i].res.nodes;
+	}
+	old = netns_leave(old);
+	return err ? err : old;
 }
 
 /* Hand n items (records to add, slots to drop) to the reaper, at most

@@ -32,6 +32,19 @@ struct cti_reap_result {
 	                                   another entry (left untouched) */
 };
 
+/* What a walk of the table (cti_walk_table) found and did. */
+struct cti_walk_result {
+	unsigned long long entries;   /* the namespace's live entries found */
+	unsigned long long recorded;  /* records stored for them */
+	unsigned long long lost;      /* records lost: their zones are dirty */
+	unsigned long long foreign;   /* other namespaces' entries passed over */
+	unsigned long long skipped;   /* expired, dying or freed as they were read */
+	unsigned long long restarts;  /* buckets walked again (an entry reused) */
+	unsigned long long nodes;     /* chain nodes visited (two per entry) */
+	unsigned long long runs;      /* BPF_PROG_TEST_RUN calls */
+	unsigned int buckets;         /* the table's size */
+};
+
 /*
  * Load the programs. Maps are pinned in pin_dir (created with mode 0700; an
  * existing one must be a root-owned 0700 directory, not a symlink); pinned
@@ -91,6 +104,16 @@ int cti_zone_records_at(struct cti *c, unsigned int zone, struct cti_record *buf
 			unsigned long long *slots, unsigned int n);
 /* What this kernel offers: netfilter BPF programs (6.4+, loadable by us)
  * and the zone-aware conntrack kfunc options (6.11+). */
+/* Record the entries of the attached namespace that exist now, from
+ * conntrack's table read in BPF (no ctnetlink dump): the hooks record every
+ * later one. anchor: any TCP or UDP entry of the namespace (it finds the
+ * table). buckets: nf_conntrack_buckets. threads (1-8): parts of the table
+ * walked in parallel. -EOPNOTSUPP: opened from the pins (no walk program);
+ * -ENOENT: the anchor is gone; -ESTALE: the table was not found where a
+ * chain said, or was resized meanwhile. On any error the records already
+ * stored stay (duplicates of a later walk are harmless). */
+int cti_walk_table(struct cti *c, const struct cti_record *anchor, unsigned int buckets,
+		   unsigned int threads, struct cti_walk_result *res);
 int cti_probe(int *netfilter_bpf, int *zoned_kfuncs);
 int cti_zone_stats(struct cti *c, unsigned int zone, struct cti_zone *out);
 int cti_stats(struct cti *c, struct cti_stats *out);

@@ -151,8 +151,14 @@ long long pct_create(struct pct_handle *h, const struct pct_create_spec *spec,
 
 /* The eBPF zone index (bpf/ct_index.h and ct_index_loader.h). */
 struct cti;
+struct cti_walk_result;
 long long pct_index_seed(struct pct_handle *h, struct cti *c, const struct pct_filter *f,
                          unsigned int kflags, long long *lost);
+/* Record the namespace's existing entries by reading conntrack's table
+ * from BPF (cti_walk_table), the table found from one entry a dump's first
+ * batch shows; 0 with res zero: the namespace has no entries. */
+int pct_index_walk(struct pct_handle *h, struct cti *c, const char *netns_path,
+                   unsigned int threads, struct cti_walk_result *res);
 /* *unsure: matched records the index could not delete safely (a reply-only
  * zone without kfuncs, or a tuple that now names another entry): walk. */
 int pct_index_delete(struct pct_handle *h, struct cti *c, const struct pct_filter *f,

@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -237,6 +238,103 @@ long long pct_index_seed(struct pct_handle *h, struct cti *c, const struct pct_f
     for (b = 0; b < SEED_BUFFERS; b++)
         free(p.recs[b]);
     return rc < 0 ? rc : seen;
+}
+
+/* The table walk (cti_walk_table) finds conntrack's table from one entry
+ * of the namespace: the first TCP or UDP entry of a dump's first message
+ * batch, read on a throwaway socket (closing it ends the dump; the handle's
+ * own would have to read the whole dump to the end). 1 with *anchor set,
+ * 0 when the namespace has no entries, -ENOENT when the batch had no TCP or
+ * UDP entry (the kfunc lookup takes those only). */
+static int walk_anchor(struct pct_handle *h, const char *netns_path, struct cti_record *anchor)
+{
+    char req[MNL_SOCKET_BUFFER_SIZE];
+    struct nlmsghdr *nlh;
+    const struct nlattr *orig;
+    struct pct_entry e;
+    unsigned int seq = ++h->seq;
+    int fd, rc = 0, saved = -1, found = -ENOENT;
+    ssize_t n;
+
+    if (netns_path) {
+        rc = pct_enter_netns(netns_path, &saved);
+        if (rc < 0)
+            return rc;
+    }
+    fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_NETFILTER);
+    rc = fd < 0 ? -errno : 0;
+    if (netns_path) {
+        int rc2 = pct_leave_netns(saved);
+        if (!rc)
+            rc = rc2;
+    }
+    if (rc < 0) {
+        if (fd >= 0)
+            close(fd);
+        return rc;
+    }
+    memset(req, 0, sizeof(req));
+    nlh = pct_put_request(req, IPCTNL_MSG_CT_GET, NLM_F_DUMP, AF_UNSPEC, 0, seq);
+    if (send(fd, nlh, nlh->nlmsg_len, 0) < 0) {
+        rc = -errno;
+        close(fd);
+        return rc;
+    }
+    n = recv(fd, h->abuf, PCT_RBUF_SIZE, 0);
+    if (n < 0)
+        rc = -errno;
+    for (nlh = (struct nlmsghdr *)h->abuf; rc == 0 && mnl_nlmsg_ok(nlh, (int)n);
+         nlh = mnl_nlmsg_next(nlh, (int *)&n)) {
+        if (nlh->nlmsg_type == NLMSG_DONE) {
+            found = found == -ENOENT ? 0 : found;
+            break;
+        }
+        if (nlh->nlmsg_type == NLMSG_ERROR) {
+            const struct nlmsgerr *err = mnl_nlmsg_get_payload(nlh);
+            rc = err->error < 0 ? err->error : -EIO;
+            break;
+        }
+        if (pct_parse_entry(nlh, &e, &orig) < 0)
+            continue;
+        if (e.proto == IPPROTO_TCP || e.proto == IPPROTO_UDP) {
+            entry_to_record(&e, kdir(e.zone_dir), anchor);
+            found = 1;
+            break;
+        }
+    }
+    close(fd);
+    return rc < 0 ? rc : found;
+}
+
+/* nf_conntrack_buckets: the size of the table (one table for all
+ * namespaces; the file reads the same in every one) */
+static int table_buckets(unsigned int *buckets)
+{
+    FILE *f = fopen("/proc/sys/net/netfilter/nf_conntrack_buckets", "re");
+    int rc;
+
+    if (!f)
+        return -errno;
+    rc = fscanf(f, "%u", buckets) == 1 && *buckets > 0 ? 0 : -EIO;
+    fclose(f);
+    return rc;
+}
+
+int pct_index_walk(struct pct_handle *h, struct cti *c, const char *netns_path,
+                   unsigned int threads, struct cti_walk_result *res)
+{
+    struct cti_record anchor;
+    unsigned int buckets;
+    int rc;
+
+    memset(res, 0, sizeof(*res));
+    rc = table_buckets(&buckets);
+    if (rc < 0)
+        return rc;
+    rc = walk_anchor(h, netns_path, &anchor);
+    if (rc <= 0)
+        return rc;   /* 0: nothing to record */
+    return cti_walk_table(c, &anchor, buckets, threads, res);
 }
 
 /* Every record of a zone with its slot; *out is malloc'd. */

@@ -472,6 +472,19 @@ def index_seed(h: Handle, ix: IndexHandle, f: Filter, kflags: int) -> tuple:
     return seen, lost[0]
 
 
+WALK_FIELDS = ("entries", "recorded", "lost", "foreign", "skipped", "restarts", "nodes",
+               "runs", "buckets")
+
+
+def index_walk(h: Handle, ix: IndexHandle, netns_path: Optional[str], threads: int) -> dict:
+    """Record the namespace's existing entries from conntrack's table, read in
+    BPF; raises ConntrackError (its errno says why the walk could not run)."""
+    res = ffi.new("struct cti_walk_result *")
+    path = ffi.NULL if netns_path is None else netns_path.encode()
+    check(lib.pct_index_walk(h.raw, ix.raw, path, threads, res), "pct_index_walk", h.netns)
+    return {k: getattr(res, k) for k in WALK_FIELDS}
+
+
 def index_delete(h: Handle, ix: IndexHandle, f: Filter, use_kfuncs: bool,
                  use_zone_attr: bool) -> dict:
     res = ffi.new("struct pct_delete_result *")

@@ -44,6 +44,12 @@ LINK_PINS = ("link_ip4_pre", "link_ip4_out", "link_ip6_pre", "link_ip6_out")
 # the reaper program, pinned per build of the BPF object (bpf/ct_index_loader.c):
 # opening an attached index then loads and verifies nothing
 REAPER_PIN_PREFIX = "prog_reap_"
+# The attach reads conntrack's table in BPF on this many threads (parts of
+# the table in parallel); where that walk cannot run, it dumps the table:
+# opened from the pins (no walk program), no TCP/UDP entry to find the table
+# by, or the table not where a chain said (resized meanwhile).
+WALK_THREADS = 2
+WALK_UNAVAILABLE = (errno.EOPNOTSUPP, errno.ENOENT, errno.ESTALE, errno.EFAULT, errno.E2BIG)
 DEFAULT_MAX_RECORDS = 262144
 MAX_ZONES = 65536
 # Records live in chunks of CHUNK_SLOTS consecutive slots of a zone: one hash
@@ -439,6 +445,7 @@ class AttachResult:
     seeded: int
     lost: int
     already_attached: bool
+    how: str = ""   # "table" (read in BPF), "dump" (ctnetlink), "" (already attached)
 
 
 class ZoneIndex:
@@ -549,12 +556,25 @@ class ZoneIndex:
             self._set_netns(attach=True)
             # the statistic first: an insert during the walk moves it again
             base = ll.index_blind_spots(handle, self.netns_path)["insert"]
-            seeded, lost = ll.index_seed(handle, self._ix, Filter(), kflags)
+            seeded, lost, how = self._record_existing(handle, kflags)
             self._ix.set_meta(insert_base=base)
         except BaseException:
             self.detach()  # a failed attach leaves no links, maps or directories
             raise
-        return AttachResult(self.dir, seeded, lost, False)
+        return AttachResult(self.dir, seeded, lost, False, how)
+
+    def _record_existing(self, handle: "ll.Handle", kflags: int) -> tuple:
+        """Record the entries that exist now: read conntrack's table in BPF
+        (no entry formatted or copied), or, where that cannot run, a dump.
+        Returns (records, lost, how)."""
+        try:
+            w = ll.index_walk(handle, self._ix, self.netns_path, WALK_THREADS)
+            return w["recorded"], w["lost"], "table"
+        except ConntrackError as exc:
+            if exc.errno not in WALK_UNAVAILABLE:
+                raise
+        seeded, lost = ll.index_seed(handle, self._ix, Filter(), kflags)
+        return seeded, lost, "dump"
 
     def detach(self) -> None:
         """Remove the links, the maps and the pin directories: nothing is left

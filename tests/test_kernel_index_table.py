@@ -1,0 +1,134 @@
+"""Attach records the entries that already exist by reading conntrack's
+table in BPF (no ctnetlink dump formats them): exactly this namespace's live
+entries, per zone as conntrack-tools lists them, none of another namespace
+(the table is shared by all), none whose timeout has passed; where the read
+cannot run, a dump does the same. Every test runs in scratch namespaces it
+creates and removes."""
+import time
+
+import pytest
+
+from helpers import index_host, require_index
+from pyconntrack import Conntrack, Filter
+from pyconntrack import _lowlevel as ll
+from pyconntrack.testing.topology import Topology
+from test_kernel_index_trust import conntrack_tool, listed
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture(scope="module")
+def index_available():
+    return require_index()
+
+
+@pytest.fixture
+def topo(index_available):
+    with Topology(zones=[5, 6, 14, 15]) as t:
+        yield t
+
+
+@pytest.fixture
+def host(topo):
+    with index_host(topo.host_netns) as ct:
+        yield ct
+
+
+def _records(ct, zone):
+    return ct.index_status()["zones"].get(zone, {}).get("records", 0)
+
+
+def _listed_zone0(ns):
+    """conntrack-tools prints no zone for zone 0"""
+    return [line for line in conntrack_tool(ns, "-L").splitlines() if "zone" not in line]
+
+
+def test_attach_records_what_conntrack_tools_lists_and_nothing_of_another_namespace(topo, host):
+    ns, other = topo.host_netns, topo.client_netns
+    host.create_many(300, zone=5, proto="udp", src="10.9.5.1")
+    host.create_many(200, zone=6, family="ipv6", proto="tcp", src="fd00:9::6")
+    host.create_many(40, zone=14, proto="icmp", src="10.9.14.1")
+    host.create_many(30, zone=0, proto="udp", src="10.9.0.1")
+    with Conntrack(other) as peer:   # the same zone ids in another namespace
+        peer.create_many(500, zone=5, proto="udp", src="10.9.5.1")
+        peer.create_many(100, zone=6, proto="udp", src="10.9.6.1")
+    total = len(conntrack_tool(ns, "-L").splitlines())
+    assert total == 570
+
+    r = host.attach_index()
+    assert r.how == "table" and r.seeded == total and r.lost == 0
+    status = host.index_status()
+    assert status["records"] == total and status["dirty_zones"] == []
+    for zone in (5, 6, 14):
+        assert _records(host, zone) == len(listed(ns, zone))
+    assert _records(host, 0) == len(_listed_zone0(ns)) == 30
+    assert status["hook_stats"]["tuple_chunks"] == 0   # addresses, as the hook's
+
+    res = host.delete(Filter(zone=5))
+    assert res.strategy == "index" and res.deleted == 300, res.reason
+    assert listed(ns, 5) == []
+    assert len(listed(ns, 6)) == 200 and len(_listed_zone0(ns)) == 30
+    assert len(listed(other, 5)) == 500 and len(listed(other, 6)) == 100
+
+
+def test_a_walk_counts_the_other_namespaces_entries_it_passes_over(topo, host):
+    """The walk's own accounting, read straight from the shim: this
+    namespace's entries found, the other namespace's passed over (at least
+    its 400: the table also holds whatever else the machine tracks)."""
+    host.create_many(250, zone=15, proto="tcp", src="10.9.15.1")
+    with Conntrack(topo.client_netns) as peer:
+        peer.create_many(400, zone=15, proto="udp", src="10.9.15.1")
+    host.attach_index()
+    ix = host._index()
+    w = ll.index_walk(host._h(), ix._ix, ix.netns_path, 2)   # a second walk
+    assert w["entries"] == w["recorded"] == 250 and w["lost"] == 0
+    assert w["foreign"] >= 400
+    assert w["buckets"] == int(open("/proc/sys/net/netfilter/nf_conntrack_buckets").read())
+    assert w["nodes"] >= 2 * (w["entries"] + w["foreign"])   # two chains per entry
+    assert w["runs"] >= 3   # the anchor's and one per thread at least
+
+
+def test_an_entry_whose_timeout_passed_is_not_recorded(topo, host):
+    """An expired entry stays in the table until conntrack's collector
+    comes by; no dump lists it, and the walk passes over it too."""
+    ns = topo.host_netns
+    host.create_many(30, zone=15, proto="udp", src="10.9.15.1", timeout=1)
+    host.create_many(20, zone=15, proto="udp", src="10.9.15.2", timeout=600)
+    time.sleep(2.2)
+    r = host.attach_index()
+    assert r.how == "table"
+    assert _records(host, 15) == len(listed(ns, 15)) == 20
+
+
+def test_without_a_tcp_or_udp_entry_to_find_the_table_by_attach_dumps(topo, host):
+    """The table is found from one entry the conntrack kfuncs can look up
+    (TCP or UDP); with ICMP entries only, attach dumps instead, and holds
+    the same."""
+    ns = topo.host_netns
+    host.create_many(60, zone=14, proto="icmp", src="10.9.14.1")
+    r = host.attach_index()
+    assert r.how == "dump" and r.seeded == 60
+    assert _records(host, 14) == len(listed(ns, 14)) == 60
+    res = host.delete(Filter(zone=14))
+    assert res.deleted == 60 and listed(ns, 14) == []
+
+
+def test_an_empty_namespace_needs_no_walk(topo, host):
+    r = host.attach_index()
+    assert r.how == "table" and r.seeded == 0 and r.lost == 0
+    topo.send("udp", 4, 5, 25)                       # the hooks record these
+    assert _records(host, 5) == len(listed(topo.host_netns, 5)) == 25
+
+
+def test_attach_reads_the_table_from_the_loaded_object_only(topo, host):
+    """The walk program is not pinned: an index opened from its pins (a later
+    process) cannot walk, and says so with EOPNOTSUPP (a resync dumps)."""
+    host.create_many(10, zone=5, proto="udp", src="10.9.5.1")
+    pin_dir = host.attach_index().pin_dir
+    ix = ll.IndexHandle(pin_dir, 0)
+    try:
+        with pytest.raises(Exception) as exc:
+            ll.index_walk(host._h(), ix, host._index().netns_path, 1)
+        assert getattr(exc.value, "errno", None) == 95   # EOPNOTSUPP
+    finally:
+        ix.close()
