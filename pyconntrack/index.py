@@ -566,10 +566,13 @@ class ZoneIndex:
     def _record_existing(self, handle: "ll.Handle", kflags: int) -> tuple:
         """Record the entries that exist now: read conntrack's table in BPF
         (no entry formatted or copied), or, where that cannot run, a dump.
-        Returns (records, lost, how)."""
+        Returns (records, lost, how). The table is found from one entry
+        looked up by tuple and zone: kernels without zoned kfuncs (6.4-6.10)
+        dump."""
         try:
-            w = ll.index_walk(handle, self._ix, self.netns_path, WALK_THREADS)
-            return w["recorded"], w["lost"], "table"
+            if self.zoned_kfuncs:
+                w = ll.index_walk(handle, self._ix, self.netns_path, WALK_THREADS)
+                return w["recorded"], w["lost"], "table"
         except ConntrackError as exc:
             if exc.errno not in WALK_UNAVAILABLE:
                 raise

@@ -64,7 +64,8 @@ def run(args) -> int:
         if args.action == "attach":
             r = ct.attach_index(max_records=args.max_records, preallocate=args.preallocate)
             _print({"attached": True, "already_attached": r.already_attached,
-                    "pin_dir": r.pin_dir, "seeded": r.seeded, "lost": r.lost}, args.json)
+                    "pin_dir": r.pin_dir, "seeded": r.seeded, "lost": r.lost,
+                    "seeded_from": r.how or None}, args.json)
         elif args.action == "detach":
             _print({"detached": ct.detach_index()}, args.json)
         elif args.action == "status":

@@ -267,16 +267,17 @@ def _median_ms(fn, n: int = 50) -> float:
 
 
 def attach_time(entries: int = 1_000_000, rounds: int = 3) -> dict:
-    """Attach (hooks + one walk) against a plain count walk of the same table
-    and the kernel's own dump of it (raw netlink, headers counted, nothing
-    parsed: the floor of any walk). On the attached index, at that table
+    """Attach (hooks + one read of the table in BPF) against a plain count
+    walk of the same table and the kernel's own dump of it (raw netlink,
+    headers counted, nothing parsed: the floor of any ctnetlink walk, which
+    attach no longer is). On the attached index, at that table
     size: opening it from its pins against loading the BPF object, the
     check every delete makes before trusting it, and what the attach with
     the default size holds (its records against the entries a walk counts,
     zones marked dirty, the size and memory ``index status`` states)."""
     from .. import _lowlevel as ll
     from .harness import KernelLimits, Worker   # limits raised for the run, restored
-    att, walk, dump = [], [], []
+    att, walk, dump, how = [], [], [], []
     costs: dict = {}
     held: dict = {}
     with KernelLimits(entries + entries // 4 + 100_000, None), Topology(zones=[5]) as t:
@@ -290,8 +291,10 @@ def attach_time(entries: int = 1_000_000, rounds: int = 3) -> dict:
                     counted = ct.count(Filter(zone=5))
                     walk.append(time.perf_counter() - s)
                     s = time.perf_counter()
-                    pin_dir = ct.attach_index().pin_dir
+                    r = ct.attach_index()
                     att.append(time.perf_counter() - s)
+                    pin_dir = r.pin_dir
+                    how.append(r.how)
                     if i == rounds - 1:
                         ix, h = ct._index(), ct._h()
                         costs = {
@@ -312,7 +315,8 @@ def attach_time(entries: int = 1_000_000, rounds: int = 3) -> dict:
                 ct.delete(Filter(zone=5), strategy="walk")
     a, w, d = statistics.median(att), statistics.median(walk), statistics.median(dump)
     return {"entries": entries, "attach_s": round(a, 3), "walk_s": round(w, 3),
-            "raw_dump_s": round(d, 3), "ratio": round(a / w, 2), **costs, **held}
+            "raw_dump_s": round(d, 3), "ratio": round(a / w, 2),
+            "attach_how": "/".join(sorted(set(how))), **costs, **held}
 
 
 def _load_object() -> None:
@@ -422,10 +426,14 @@ def evaluate(result: dict) -> list:
             value, met = _ratio_verdict(b["established_ratio"],
                                         b.get("established_pair_ratios", []), 0.99)
         elif tid == "I4" and a:
-            value = f"{a['attach_s']:.2f} s at {a['entries']:,} (plain walk {a['walk_s']:.2f} s)"
+            value = f"{a['attach_s']:.2f} s at {a['entries']:,} (plain walk {a['walk_s']:.2f} s"
+            value += f", raw dump {a['raw_dump_s']:.2f} s)" if "raw_dump_s" in a else ")"
+            if a.get("attach_how"):
+                value += f"; entries recorded from the {a['attach_how']}"
             met = a["attach_s"] <= 1.5 if full else None
-            if full and not met and a.get("raw_dump_s", 0) > 1.5:
-                # attach reads the table once; no reader of it does better
+            if full and not met and a.get("attach_how") == "dump" \
+                    and a.get("raw_dump_s", 0) > 1.5:
+                # an attach that had to dump: no dump of the table does better
                 met = f"NOT met (kernel limit: its raw dump alone takes {a['raw_dump_s']:.2f} s)"
         elif tid == "I5" and a and "records" in a:
             value = f"{a['records']:,} records of {a['entries_counted']:,} entries, " \
@@ -454,7 +462,8 @@ def markdown(result: dict) -> str:
     if "raw_dump_s" in a:
         lines += ["", f"At {a['entries']:,} entries: a raw netlink dump of the table (headers "
                       f"counted, nothing parsed) {a['raw_dump_s']:.2f} s, the floor of any "
-                      f"walk, attach's included; "
+                      f"ctnetlink walk (attach reads the table in BPF instead; it dumps "
+                      f"only where that read cannot run); "
                       f"opening the attached index from its pins {a['open_from_pins_ms']} ms "
                       f"against {a['load_object_ms']} ms to load the BPF object; the check "
                       f"before every index delete {a['pre_delete_check_ms']} ms."]
