@@ -253,7 +253,7 @@ static int walk_anchor(struct pct_handle *h, const char *netns_path, struct cti_
     const struct nlattr *orig;
     struct pct_entry e;
     unsigned int seq = ++h->seq;
-    int fd, rc = 0, saved = -1, found = -ENOENT;
+    int fd, rc = 0, saved = -1, found = -ENOENT, left;
     ssize_t n;
 
     if (netns_path) {
@@ -283,8 +283,9 @@ static int walk_anchor(struct pct_handle *h, const char *netns_path, struct cti_
     n = recv(fd, h->abuf, PCT_RBUF_SIZE, 0);
     if (n < 0)
         rc = -errno;
-    for (nlh = (struct nlmsghdr *)h->abuf; rc == 0 && mnl_nlmsg_ok(nlh, (int)n);
-         nlh = mnl_nlmsg_next(nlh, (int *)&n)) {
+    left = n < 0 ? 0 : (int)n;
+    for (nlh = (struct nlmsghdr *)h->abuf; rc == 0 && mnl_nlmsg_ok(nlh, left);
+         nlh = mnl_nlmsg_next(nlh, &left)) {
         if (nlh->nlmsg_type == NLMSG_DONE) {
             found = found == -ENOENT ? 0 : found;
             break;
