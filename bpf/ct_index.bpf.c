@@ -1389,7 +1389,8 @@ static __always_inline int walk_locate(struct xdp_md *ctx, struct cti_walk_args 
 
 struct walk_ctx {
 	unsigned long table, net, p;
-	__u32 bucket, end, retries, now, max_nodes, max_retries;
+	__u32 bucket, end, retries, now, max_nodes, max_retries, max_steps;
+	__u32 paused;   /* stopped at a bucket's end with buckets left */
 	__u64 nodes, entries, recorded, lost, foreign, skipped, restarts;
 	int err;
 };
@@ -1439,8 +1440,12 @@ static long walk_step(__u64 i, void *data)
 		if ((w->p >> 1) == w->bucket) {
 			w->retries = 0;
 			w->bucket++;
-			if (w->bucket >= w->end || w->nodes >= w->max_nodes)
+			if (w->bucket >= w->end)
 				return 1;
+			if (w->nodes >= w->max_nodes || i >= w->max_steps) {
+				w->paused = 1;   /* the next run goes on from here */
+				return 1;
+			}
 		} else if (++w->retries > w->max_retries) {
 			w->err = -ESTALE;   /* not this bucket's chain: a wrong table */
 			return 1;
@@ -1498,12 +1503,13 @@ static __always_inline int walk_scan(struct cti_walk_args *a)
 	w.end = a->end;
 	w.max_nodes = a->max_nodes;
 	w.max_retries = a->max_retries;
+	w.max_steps = a->max_steps;
 	w.now = now_sec();
 	w.p = read_ptr(w.table + (__u64)w.bucket * sizeof(void *));
 	if (!w.p)
 		return -EFAULT;
 	bpf_loop(CTI_WALK_STEPS, walk_step, &w, 0);
-	if (!w.err && w.bucket < w.end && w.nodes < w.max_nodes)
+	if (!w.err && w.bucket < w.end && !w.paused)
 		w.err = -E2BIG;   /* the steps ran out inside a chain */
 	a->bucket = w.bucket;
 	a->nodes = w.nodes;

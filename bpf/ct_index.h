@@ -236,9 +236,12 @@ struct cti_reap_args {
  */
 #define CTI_WALK_LOCATE 1
 #define CTI_WALK_SCAN 2
-/* Chain nodes one scan run visits at most (it stops at a bucket's end
- * beyond CTI_WALK_NODES; CTI_WALK_STEPS bounds a run outright). */
+/* One scan run stops at the first bucket's end past CTI_WALK_NODES chain
+ * nodes or CTI_WALK_PAUSE steps (a step: one node or one bucket, so a
+ * sparse table's runs stay short too); CTI_WALK_STEPS bounds a run
+ * outright: a chain longer than the steps left (none is) is -E2BIG. */
 #define CTI_WALK_NODES 32768
+#define CTI_WALK_PAUSE 131072
 #define CTI_WALK_STEPS 262144
 /* A bucket whose chain ends in another bucket's marker (its last entry was
  * freed and reused meanwhile) is walked again, this many times at most. */
@@ -256,6 +259,8 @@ struct cti_walk_args {
 	unsigned int max_nodes;     /* SCAN: CTI_WALK_NODES (limits handed in stay
 	                               unknown to the verifier: its loop states merge) */
 	unsigned int max_retries;   /* SCAN: CTI_WALK_RETRIES */
+	unsigned int max_steps;     /* SCAN: CTI_WALK_PAUSE */
+	unsigned int pad;
 	/* out */
 	int status;                 /* 0, or -errno */
 	unsigned int anchor_bucket; /* LOCATE: the anchor's bucket */

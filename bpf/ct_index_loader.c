@@ -746,6 +746,7 @@ static void *walk_part(void *arg)
 		a.end = p->end;
 		a.max_nodes = CTI_WALK_NODES;
 		a.max_retries = CTI_WALK_RETRIES;
+		a.max_steps = CTI_WALK_PAUSE;
 		p->err = run_walk(p->c, &a);
 		p->res.runs++;
 		p->res.entries += a.entries;
@@ -804,7 +805,7 @@ int cti_walk_table(struct cti *c, const struct cti_record *anchor, unsigned int 
 			joined[i] = !err;
 		}
 	}
-	if (made)
+	if (made && !err)
 		walk_part(&parts[0]);
 	for (i = 0; i < made; i++) {
 		if (joined[i])
