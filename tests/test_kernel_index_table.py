@@ -140,7 +140,14 @@ def test_attach_while_connections_come_and_go_misses_none(topo, host):
     memory is reused by new ones (a chain the walk follows may end in
     another bucket: it walks that bucket again). Afterwards every live entry
     has a record (the audit's dump is the oracle) and zone cleanups through
-    the index leave nothing (conntrack-tools)."""
+    the index leave nothing (conntrack-tools). nf_conntrack_max is raised
+    for it where lower (a small VM's default) and restored."""
+    from test_hardening_memory import conntrack_max_at_least
+    with conntrack_max_at_least(300_000):
+        _attach_during_churn(topo, host)
+
+
+def _attach_during_churn(topo, host):
     import threading
     ns = topo.host_netns
     host.create_many(120_000, zone=7, proto="udp", src="10.9.7.1", timeout=600)
