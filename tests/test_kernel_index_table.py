@@ -174,5 +174,6 @@ def _attach_during_churn(topo, host):
         live = len(listed(ns, zone))
         assert live > 0
         res = host.delete(Filter(zone=zone), strategy="index")
-        assert res.strategy == "index" and res.deleted >= live, res.reason
+        # the traffic's entries may time out meanwhile (a slow VM): gone too
+        assert res.strategy == "index" and res.matched >= live and res.failed == 0, res
         assert listed(ns, zone) == []
