@@ -84,5 +84,6 @@ int pct_batch_finish(struct pct_handle *h, struct pct_ack_counts *acks, int err,
 /* pct_netns.c */
 int pct_enter_netns(const char *path, int *saved);
 int pct_leave_netns(int saved);
+int pct_socket_in_netns(const char *netns_path, int protocol);
 
 #endif

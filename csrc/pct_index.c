@@ -253,26 +253,12 @@ static int walk_anchor(struct pct_handle *h, const char *netns_path, struct cti_
     const struct nlattr *orig;
     struct pct_entry e;
     unsigned int seq = ++h->seq;
-    int fd, rc = 0, saved = -1, found = -ENOENT, left;
+    int fd, rc = 0, found = -ENOENT, left;
     ssize_t n;
 
-    if (netns_path) {
-        rc = pct_enter_netns(netns_path, &saved);
-        if (rc < 0)
-            return rc;
-    }
-    fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_NETFILTER);
-    rc = fd < 0 ? -errno : 0;
-    if (netns_path) {
-        int rc2 = pct_leave_netns(saved);
-        if (!rc)
-            rc = rc2;
-    }
-    if (rc < 0) {
-        if (fd >= 0)
-            close(fd);
-        return rc;
-    }
+    fd = pct_socket_in_netns(netns_path, NETLINK_NETFILTER);
+    if (fd < 0)
+        return fd;
     memset(req, 0, sizeof(req));
     nlh = pct_put_request(req, IPCTNL_MSG_CT_GET, NLM_F_DUMP, AF_UNSPEC, 0, seq);
     if (send(fd, nlh, nlh->nlmsg_len, 0) < 0) {
@@ -859,7 +845,7 @@ int pct_index_blind_spots(struct pct_handle *h, const char *netns_path,
     char req[MNL_SOCKET_BUFFER_SIZE];
     struct nlmsghdr *nlh;
     unsigned int seq;
-    int fd = mnl_socket_get_fd(h->cmd_nl), rc, saved = -1, gfd;
+    int fd = mnl_socket_get_fd(h->cmd_nl), rc, gfd;
 
     *insert = 0;
     *ovs_dps = -1;
@@ -894,23 +880,9 @@ int pct_index_blind_spots(struct pct_handle *h, const char *netns_path,
         return rc;
     /* Open vSwitch's datapath: its ct() action creates entries without
      * crossing netfilter hooks */
-    if (netns_path) {
-        rc = pct_enter_netns(netns_path, &saved);
-        if (rc < 0)
-            return rc;
-    }
-    gfd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_GENERIC);
-    rc = gfd < 0 ? -errno : 0;
-    if (netns_path) {
-        int rc2 = pct_leave_netns(saved);
-        if (!rc)
-            rc = rc2;
-    }
-    if (rc < 0) {
-        if (gfd >= 0)
-            close(gfd);
-        return rc;
-    }
+    gfd = pct_socket_in_netns(netns_path, NETLINK_GENERIC);
+    if (gfd < 0)
+        return gfd;
     seq = 0;
     *ovs_dps = ovs_datapaths(gfd, h->abuf, PCT_RBUF_SIZE, &seq);
     close(gfd);

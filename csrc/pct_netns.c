@@ -50,6 +50,32 @@ int pct_leave_netns(int saved)
     return err;
 }
 
+/* A raw netlink socket of protocol opened inside netns_path (NULL: the
+ * caller's namespace); the fd, or -errno. */
+int pct_socket_in_netns(const char *netns_path, int protocol)
+{
+    int fd, err, saved = -1;
+
+    if (netns_path) {
+        err = pct_enter_netns(netns_path, &saved);
+        if (err < 0)
+            return err;
+    }
+    fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, protocol);
+    err = fd < 0 ? -errno : 0;
+    if (netns_path) {
+        int err2 = pct_leave_netns(saved);
+        if (!err)
+            err = err2;
+    }
+    if (err < 0) {
+        if (fd >= 0)
+            close(fd);
+        return err;
+    }
+    return fd;
+}
+
 static struct mnl_socket *open_socket(unsigned int *portid, int rcvbuf, int *err)
 {
     struct mnl_socket *nl;

@@ -8,30 +8,12 @@ import time
 
 import pytest
 
-from helpers import index_host, require_index
 from pyconntrack import Conntrack, Filter
 from pyconntrack import _lowlevel as ll
-from pyconntrack.testing.topology import Topology
-from test_kernel_index_trust import conntrack_tool, listed
+# the same scratch topology and index host as the trust tests (fixtures)
+from test_kernel_index_trust import conntrack_tool, host, index_available, listed, topo  # noqa: F401
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture(scope="module")
-def index_available():
-    return require_index()
-
-
-@pytest.fixture
-def topo(index_available):
-    with Topology(zones=[5, 6, 14, 15]) as t:
-        yield t
-
-
-@pytest.fixture
-def host(topo):
-    with index_host(topo.host_netns) as ct:
-        yield ct
 
 
 def _records(ct, zone):
